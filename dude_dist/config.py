@@ -1,0 +1,503 @@
+"""Run configuration: frozen dataclasses loaded from YAML.
+
+Precedence, highest first: ``--set key=value`` on the command line > the YAML file >
+the defaults written below. Every key the YAML or ``--set`` names must exist; a typo is
+an error that names the file, line and the closest valid key. Values are checked for
+type and range when the dataclass is built, and derived values (the global batch size)
+are computed once, in :func:`batch_layout`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dude_dist.svd_init import SVD_METHODS, VARIANTS
+
+NORM_GRADS = ("exact", "detach")
+DTYPES = ("bfloat16", "float16", "float32")
+FORMATS = ("gsm8k", "metamathqa", "commonsense", "alpaca", "chat")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message says where it came from."""
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    _check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class DudeConfig:
+    """The adapter: which Linear layers get DuDe, with what rank, variant and SVD.
+
+    Attributes:
+        targets: module-name suffixes (``q_proj``) or, if a value starts with ``re:``,
+            a regular expression matched against the full module name.
+        rank: rank ``r`` of the update.
+        variant: where the singular values go: ``dude`` (paper default), ``dude_a``, ``dude_b``.
+        svd: ``exact`` (``torch.linalg.svd``) or ``randomized``.
+        norm_grad: ``exact`` differentiates through the row norm (paper Eq. 8-9);
+            ``detach`` treats it as a constant in backward (DoRA's memory trick).
+        svd_oversample: extra columns of the randomized range finder.
+        svd_niter: power iterations of the randomized range finder.
+        seed: mixed with each layer name to seed the randomized SVD.
+    """
+
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    rank: int = 16
+    variant: str = "dude"
+    svd: str = "exact"
+    norm_grad: str = "exact"
+    svd_oversample: int = 16
+    svd_niter: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", (self.targets,))
+        else:
+            object.__setattr__(self, "targets", tuple(self.targets))
+        _check(len(self.targets) > 0, "adapter.targets", "needs at least one target")
+        _check(self.rank > 0, "adapter.rank", f"must be > 0, got {self.rank}")
+        _check_choice(self.variant, VARIANTS, "adapter.variant")
+        _check_choice(self.svd, SVD_METHODS, "adapter.svd")
+        _check_choice(self.norm_grad, NORM_GRADS, "adapter.norm_grad")
+        _check(self.svd_oversample >= 0, "adapter.svd_oversample", f"must be >= 0, got {self.svd_oversample}")
+        _check(self.svd_niter >= 0, "adapter.svd_niter", f"must be >= 0, got {self.svd_niter}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base model.
+
+    Attributes:
+        name_or_path: a local Hugging Face folder or a hub id.
+        revision: hub revision (part of the factor-cache key).
+        gguf_file: a GGUF file inside ``name_or_path`` to load (de-quantised) instead.
+        dtype: parameter dtype: ``bfloat16``, ``float16`` or ``float32``.
+        trust_remote_code: passed to ``from_pretrained``; off unless set here.
+        attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; None lets
+            transformers choose.
+    """
+
+    name_or_path: str = ""
+    revision: str | None = None
+    gguf_file: str | None = None
+    dtype: str = "bfloat16"
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name_or_path), "model.name_or_path", "is required (a local folder or a hub id)")
+        _check_choice(self.dtype, DTYPES, "model.dtype")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training and held-out data.
+
+    Attributes:
+        sources: local JSON/JSONL/Parquet files or folders, or hub ids; the first that
+            loads is used (so a local copy can be named before its hub id).
+        split: split to read from a hub id or folder.
+        format: prompt template: ``gsm8k``, ``metamathqa``, ``commonsense``, ``alpaca``, ``chat``.
+        max_seq_len: samples are truncated to this many tokens (a count is reported).
+        packing: concatenate samples into full ``max_seq_len`` rows.
+        limit: use at most this many training samples (0 = all).
+        eval_sources: held-out data for ``eval/loss`` (same format); empty = none.
+        eval_split: split of ``eval_sources``.
+        eval_size: number of held-out samples for ``eval/loss``.
+    """
+
+    sources: tuple[str, ...] = ()
+    split: str = "train"
+    format: str = "gsm8k"
+    max_seq_len: int = 512
+    packing: bool = False
+    limit: int = 0
+    eval_sources: tuple[str, ...] = ()
+    eval_split: str = "test"
+    eval_size: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("sources", "eval_sources"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        _check_choice(self.format, FORMATS, "data.format")
+        _check(self.max_seq_len > 0, "data.max_seq_len", f"must be > 0, got {self.max_seq_len}")
+        _check(self.limit >= 0, "data.limit", f"must be >= 0, got {self.limit}")
+        _check(self.eval_size >= 0, "data.eval_size", f"must be >= 0, got {self.eval_size}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping.
+
+    ``global_batch_size = micro_batch_size * grad_accum * world_size`` (see
+    :func:`batch_layout`); if ``global_batch_size`` is set, ``grad_accum`` is derived
+    from it instead and must come out whole.
+
+    Attributes:
+        micro_batch_size: samples per rank per forward.
+        grad_accum: micro-batches per optimizer step (ignored if global_batch_size is set).
+        global_batch_size: samples per optimizer step over all ranks; 0 = derived.
+        lr: peak learning rate (AdamW).
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_ratio: fraction of steps with linear warm-up, then cosine decay to 0.
+        max_steps: optimizer steps; 0 = ``epochs`` passes over the data.
+        epochs: passes over the data when ``max_steps`` is 0.
+        max_grad_norm: gradient clipping (0 = off).
+        gradient_checkpointing: recompute activations in backward (non-reentrant).
+        log_every: steps between TensorBoard/console logs.
+        save_every: steps between checkpoints (0 = only at the end).
+        keep_last: complete checkpoints kept on disk.
+        eval_every: steps between ``eval/loss`` (0 = only at the end).
+        seed: data order and RNG seed.
+        max_nonfinite_steps: consecutive non-finite steps (skipped) before the run stops.
+    """
+
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    global_batch_size: int = 0
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = 0.03
+    max_steps: int = 0
+    epochs: float = 1.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    log_every: int = 1
+    save_every: int = 0
+    keep_last: int = 2
+    eval_every: int = 0
+    seed: int = 42
+    max_nonfinite_steps: int = 3
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(self.betas))
+        for key in ("micro_batch_size", "grad_accum", "log_every", "keep_last", "max_nonfinite_steps"):
+            _check(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
+        for key in ("global_batch_size", "max_steps", "save_every", "eval_every", "max_grad_norm", "weight_decay"):
+            _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.max_steps > 0 or self.epochs > 0, "train.epochs", "must be > 0 when train.max_steps is 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
+               f"must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    """The DeepSpeed engine, built from these keys (a JSON file may override them).
+
+    Attributes:
+        zero_stage: 0-3; 3 partitions parameters, gradients and optimizer states.
+        offload_optimizer: ``none`` or ``cpu``.
+        offload_param: ``none`` or ``cpu`` (stage 3 only).
+        reduce_bucket_size: elements per gradient reduce bucket.
+        stage3_prefetch_bucket_size: elements prefetched ahead of use.
+        stage3_param_persistence_threshold: parameters smaller than this stay unpartitioned.
+        config_file: a DeepSpeed JSON whose keys override the ones built from this section.
+        backend: ``auto`` (nccl on GPU, gloo on CPU), ``nccl`` or ``gloo``.
+        timeout_s: collective timeout; a lost rank ends the run after at most this long.
+    """
+
+    zero_stage: int = 3
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+    reduce_bucket_size: int = 50_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    config_file: str | None = None
+    backend: str = "auto"
+    timeout_s: int = 1800
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0-3, got {self.zero_stage}")
+        _check_choice(self.offload_optimizer, ("none", "cpu"), "deepspeed.offload_optimizer")
+        _check_choice(self.offload_param, ("none", "cpu"), "deepspeed.offload_param")
+        _check_choice(self.backend, ("auto", "nccl", "gloo"), "deepspeed.backend")
+        _check(self.timeout_s > 0, "deepspeed.timeout_s", f"must be > 0, got {self.timeout_s}")
+        for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+            _check(getattr(self, key) >= 0, f"deepspeed.{key}", f"must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Accuracy evaluation (generation) at the start and/or end of a run.
+
+    Attributes:
+        tasks: ``gsm8k`` and/or commonsense task names (``boolq``, ``piqa``, ...).
+        gsm8k_sources: GSM8K test file/folder or hub id, first that loads wins.
+        commonsense_dir: folder with ``<task>/test.json`` in LLM-Adapters format.
+        limit: items per task (0 = all).
+        batch_size: prompts per generation batch.
+        max_new_tokens: generation length.
+        at_start: evaluate before training.
+        at_end: evaluate after training.
+    """
+
+    tasks: tuple[str, ...] = ("gsm8k",)
+    gsm8k_sources: tuple[str, ...] = ("../shared/data/gsm8k/test.jsonl", "openai/gsm8k")
+    commonsense_dir: str = "../shared/data/commonsense"
+    limit: int = 0
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    at_start: bool = False
+    at_end: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("tasks", "gsm8k_sources"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        _check(self.limit >= 0, "eval.limit", f"must be >= 0, got {self.limit}")
+        _check(self.batch_size > 0, "eval.batch_size", f"must be > 0, got {self.batch_size}")
+        _check(self.max_new_tokens > 0, "eval.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: one YAML file maps onto this, section by section."""
+
+    model: ModelConfig
+    output_dir: str = "runs/default"
+    adapter: DudeConfig = field(default_factory=DudeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.output_dir), "output_dir", "must not be empty")
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Derived batch arithmetic: ``global = micro * accum * world``."""
+
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.world_size
+
+    @property
+    def per_rank(self) -> int:
+        return self.micro_batch_size * self.grad_accum
+
+
+def batch_layout(train: TrainConfig, world_size: int) -> BatchLayout:
+    """The one place where the batch sizes are derived and checked against the world size.
+
+    Raises:
+        ConfigError: ``train.global_batch_size`` is not a multiple of
+            ``micro_batch_size * world_size``.
+    """
+    if train.global_batch_size:
+        per_step = train.micro_batch_size * world_size
+        if train.global_batch_size % per_step:
+            valid = [per_step * k for k in range(1, 5)]
+            raise ConfigError(
+                f"train.global_batch_size: {train.global_batch_size} is not a multiple of "
+                f"micro_batch_size {train.micro_batch_size} x world size {world_size} = {per_step}; "
+                f"valid values include {valid}"
+            )
+        return BatchLayout(train.micro_batch_size, train.global_batch_size // per_step, world_size)
+    return BatchLayout(train.micro_batch_size, train.grad_accum, world_size)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _compose_with_lines(text: str, source: str) -> tuple[dict, dict[str, int]]:
+    """Parse YAML safely; return the mapping and the line of every dotted key."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ConfigError(f"{where}: YAML syntax error: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    lines: dict[str, int] = {}
+
+    def walk(n: yaml.Node, prefix: str) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for key_node, value_node in n.value:
+                key = f"{prefix}{key_node.value}"
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key + ".")
+
+    walk(node, "")
+    return data, lines
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        item_type = args[0]
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(items))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # a bug in this module, not in the YAML
+
+
+def _build(cls: type, data: Any, prefix: str, where: typing.Callable[[str], str]) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where(prefix.rstrip('.'))}{prefix.rstrip('.')}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{where(full)}unknown key {full!r}{hint} (valid keys here: {', '.join(fields)})"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{full}.", where)
+        else:
+            try:
+                kwargs[key] = _coerce(value, tp, full)
+            except ConfigError as exc:
+                raise ConfigError(f"{where(full)}{exc}") from None
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        key = str(exc).split(":", 1)[0]
+        raise ConfigError(f"{where(key)}{exc}") from None
+    except TypeError as exc:  # a missing required key
+        raise ConfigError(f"{where(prefix.rstrip('.'))}{prefix or 'config'}: {exc}") from None
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value`` strings; values are YAML scalars/lists (``3``, ``1e-4``, ``[q_proj]``)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.max_steps=10")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def apply_overrides(data: dict, overrides: list[tuple[str, Any]]) -> dict:
+    """Set dotted keys in a nested dict (creating sections as needed)."""
+    for key, value in overrides:
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a run config: defaults < YAML file < ``--set`` overrides.
+
+    Raises:
+        ConfigError: syntax error, unknown key, wrong type or value out of range; the
+            message names the file, line and key.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    data: dict = {}
+    lines: dict[str, int] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        source = str(path)
+        data, lines = _compose_with_lines(path.read_text(), source)
+    parsed = parse_overrides(overrides)
+    set_keys = {k for k, _ in parsed}
+    data = apply_overrides(data, parsed)
+
+    def where(key: str) -> str:
+        if key in set_keys:
+            return f"--set {key}: "
+        if key in lines:
+            return f"{source}:{lines[key]}: "
+        return f"{source}: "
+
+    return _build(RunConfig, data, "", where)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """A plain, YAML-safe dict of a config (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))

@@ -1,0 +1,169 @@
+"""The DuDe linear layer: DoRA's magnitude/direction split on a PiSSA-initialised residual.
+
+Paper: "DuDe: Dual Decomposition of Weights" (arXiv 2505.14367), Eq. 8-9.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_GRADS = ("exact", "detach")
+
+
+class DudeLinear(nn.Module):
+    """A frozen residual weight plus a trainable low-rank update, renormalised per row.
+
+    With the frozen residual ``W_f [out, in]``, trainable ``A [r, in]``, ``B [out, r]`` and
+    magnitude ``m [out]``::
+
+        W' = m * (W_f + B A) / ||W_f + B A||_row
+        y  = x W'^T + bias = (m / n) * (x W_f^T + (x A^T) B^T) + bias
+
+    The row norm ``n`` is never built from an ``[out, in]`` matrix. Because ``W_f`` is
+    frozen, its squared row norms are a constant buffer, and::
+
+        n_i^2 = ||W_f[i]||^2 + 2 B[i] . (W_f A^T)[i] + B[i] (A A^T) B[i]^T
+
+    needs only ``W_f A^T [out, r]`` (about as many flops as ``r`` extra tokens) and
+    ``A A^T [r, r]``. Autograd then saves the input, ``x A^T`` and the pre-scale output,
+    like PEFT's DoRA, but nothing of size ``out * in`` except the parameter itself.
+
+    ``norm_grad="exact"`` differentiates through ``n`` as the paper does;
+    ``norm_grad="detach"`` treats ``n`` as a constant in backward (DoRA §4.3), which
+    drops the ``W_f A^T`` term from the backward graph.
+
+    Args:
+        in_features: input size.
+        out_features: output size.
+        rank: rank ``r`` of the update.
+        bias: whether the layer carries a (frozen) bias.
+        norm_grad: ``exact`` or ``detach``.
+        eps: lower bound on ``n^2``; a zero row gives a zero output, never NaN.
+        device: where to allocate.
+        dtype: parameter dtype (the model's).
+
+    Raises:
+        ValueError: ``norm_grad`` not one of ``exact``/``detach``, or a non-positive rank.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        *,
+        bias: bool = False,
+        norm_grad: str = "exact",
+        eps: float = 1e-12,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if norm_grad not in NORM_GRADS:
+            raise ValueError(f"unknown norm_grad {norm_grad!r}; valid: {', '.join(NORM_GRADS)}")
+        if rank <= 0:
+            raise ValueError(f"rank must be positive, got {rank}")
+        kw = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.norm_grad = norm_grad
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
+        self.lora_a = nn.Parameter(torch.zeros(rank, in_features, **kw))  # [r, in]
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, **kw))  # [out, r]
+        self.magnitude = nn.Parameter(torch.ones(out_features, **kw))  # [out]
+        # ||W_f[i]||^2. Derived from the frozen weight, so not part of the state dict.
+        self.register_buffer(
+            "weight_sq_norm",
+            torch.zeros(out_features, device=device, dtype=torch.promote_types(dtype or torch.float32, torch.float32)),
+            persistent=False,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}, norm_grad={self.norm_grad}"
+        )
+
+    def adapter_params(self) -> list[str]:
+        """Names of the trainable DuDe parameters of this module."""
+        return ["lora_a", "lora_b", "magnitude"]
+
+    def _apply(self, fn, recurse=True):
+        # The squared norms are a difference-free sum of large terms that n^2 is then
+        # built on; casting them to bf16 (as `model.bfloat16()` would) costs 3 digits in
+        # every row norm, so they stay in at least float32 whatever the module dtype.
+        sq = self._buffers.pop("weight_sq_norm")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            moved = fn(sq)
+            if moved.dtype not in (torch.float32, torch.float64):
+                moved = sq.to(device=moved.device, dtype=torch.float32)
+            self._buffers["weight_sq_norm"] = moved
+        return self
+
+    def _compute_dtype(self) -> torch.dtype:
+        return torch.promote_types(self.weight.dtype, torch.float32)
+
+    def row_norm(self) -> torch.Tensor:
+        """``||W_f + B A||`` per output row, ``[out]``, in at least float32, without ``[out, in]``."""
+        cdtype = self._compute_dtype()
+        lora_a = self.lora_a.to(cdtype)
+        lora_b = self.lora_b.to(cdtype)
+        wf_at = F.linear(self.weight, self.lora_a.to(self.weight.dtype)).to(cdtype)  # [out, r]
+        a_at = lora_a @ lora_a.T  # [r, r]
+        sq = (
+            self.weight_sq_norm.to(cdtype)
+            + 2.0 * (lora_b * wf_at).sum(dim=1)
+            + ((lora_b @ a_at) * lora_b).sum(dim=1)
+        )
+        return sq.clamp_min(self.eps).sqrt()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.row_norm()
+        if self.norm_grad == "detach":
+            norm = norm.detach()
+        scale = (self.magnitude.to(norm.dtype) / norm).to(x.dtype)  # [out]
+        out = F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_a), self.lora_b)
+        out = out * scale
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+    @torch.no_grad()
+    def init_dude(self, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        """Fill the layer from the original weight ``W0`` and its factors ``A0, B0``.
+
+        ``W_f = W0 - B0 A0`` is computed in float32 and stored in the layer's dtype; the
+        magnitude is then the row norm of the *stored* ``W_f + B A``, so that ``W' == W_f + B A``
+        exactly at step 0.
+        """
+        residual = weight.float() - lora_b.float() @ lora_a.float()
+        self.weight.copy_(residual)
+        self.lora_a.copy_(lora_a)
+        self.lora_b.copy_(lora_b)
+        self.weight_sq_norm.copy_(row_sq_norm(self.weight))
+        self.magnitude.copy_(self.row_norm())
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``W' = m * (W_f + B A) / n`` as an ``[out, in]`` tensor in the layer's dtype (for export)."""
+        cdtype = self._compute_dtype()
+        scale = (self.magnitude.to(cdtype) / self.row_norm())[:, None]
+        full = self.weight.to(cdtype) + self.lora_b.to(cdtype) @ self.lora_a.to(cdtype)
+        return (full * scale).to(self.weight.dtype)
+
+
+def row_sq_norm(weight: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+    """Squared row norms of ``weight`` in float32 (float64 for float64), a chunk of rows at a time."""
+    cdtype = torch.promote_types(weight.dtype, torch.float32)
+    out = torch.empty(weight.shape[0], dtype=cdtype, device=weight.device)
+    for start in range(0, weight.shape[0], chunk_rows):
+        block = weight[start : start + chunk_rows].to(cdtype)
+        out[start : start + chunk_rows] = block.pow(2).sum(dim=1)
+    return out

@@ -1,0 +1,383 @@
+"""Rank-aware sharded initialisation of DuDe layers (DESIGN §2).
+
+Every rank runs the same steps over the same deterministic plan:
+
+1. **Plan**: each target layer gets an owner rank by longest-processing-time greedy on
+   its SVD cost.
+2. **Gather to the owner only**: under ZeRO-3 every rank holds a flat 1/P shard of
+   ``W0``; the owner alone receives the whole matrix (``gather``, not ``all_gather``).
+3. **Factor** on the owner, in float32.
+4. **Broadcast factors**: ``A0 [r, in]``, ``B0 [out, r]``, ``m0 [out]`` - that is
+   ``r * (in + out) + out`` numbers instead of the ``out * in`` of the residual.
+   Every rank then subtracts ``B0 A0`` from *its own shard* of ``W0``, which is the
+   same residual as broadcasting ``W0 - B0 A0`` would give.
+5. **Cache** the factors (safetensors) so a restart or a resume does no SVD at all.
+
+Without ZeRO-3 a "shard" is the whole weight; with one process there is no
+communication; the code path is the same. Only torch is imported here: the process
+group is whatever ``torch.distributed`` was initialised with (DeepSpeed uses it too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dude_dist.config import DudeConfig
+from dude_dist.dude import DudeLinear
+from dude_dist.svd_init import factorize, svd_cost
+
+logger = logging.getLogger(__name__)
+
+CACHE_FILE = "factors.safetensors"
+CACHE_KEY_FILE = "key.json"
+
+
+class Comm:
+    """The few collectives the initialiser needs; one process when no group is initialised."""
+
+    def __init__(self) -> None:
+        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.active else 0
+        self.world_size = dist.get_world_size() if self.active else 1
+        self.bytes_broadcast = 0
+        self.bytes_gathered = 0
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        if self.active:
+            dist.broadcast(tensor, src=src)
+            self.bytes_broadcast += tensor.numel() * tensor.element_size()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    def all_gather_floats(self, values: list[float]) -> list[list[float]]:
+        local = torch.tensor(values, dtype=torch.float64)
+        if not self.active:
+            return [local.tolist()]
+        out = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(out, local)
+        return [t.tolist() for t in out]
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class InitPlan:
+    """Which rank factorises which layer.
+
+    Attributes:
+        owners: layer name -> owner rank.
+        cost: layer name -> estimated flops.
+        load: per-rank sum of estimated flops.
+    """
+
+    owners: dict[str, int]
+    cost: dict[str, float]
+    load: list[float]
+
+    def layers_of(self, rank: int) -> list[str]:
+        return [name for name, owner in self.owners.items() if owner == rank]
+
+
+def plan_init(shapes: dict[str, tuple[int, int]], world_size: int, cfg: DudeConfig) -> InitPlan:
+    """Assign layers to ranks by longest-processing-time greedy; identical on every rank.
+
+    Args:
+        shapes: layer name -> ``(out, in)``, in model order.
+        world_size: number of ranks.
+        cfg: adapter config (rank and SVD method set the cost).
+    """
+    cost = {
+        name: svd_cost(out_f, in_f, cfg.rank, cfg.svd, oversample=cfg.svd_oversample, niter=cfg.svd_niter)
+        for name, (out_f, in_f) in shapes.items()
+    }
+    order = list(shapes)
+    # Largest first; equal costs keep model order, so the plan never depends on dict luck.
+    ranked = sorted(order, key=lambda n: (-cost[n], order.index(n)))
+    load = [0.0] * world_size
+    owners: dict[str, int] = {}
+    for name in ranked:
+        owner = min(range(world_size), key=lambda r: (load[r], r))
+        owners[name] = owner
+        load[owner] += cost[name]
+    return InitPlan(owners={n: owners[n] for n in order}, cost=cost, load=load)
+
+
+# --------------------------------------------------------------------------- weight shards
+
+
+def _is_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_tensor") and param.ds_tensor is not None
+
+
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """Shape of a parameter, whether it is a ZeRO-3 partition or a plain tensor."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def local_shard(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's slice of the flattened weight, as a writable view, and its start index.
+
+    A ZeRO-3 partition is padded at the end of the last rank; the view excludes padding.
+    """
+    if not _is_partitioned(param):
+        return param.data.view(-1), 0
+    part = param.ds_tensor.ds_numel
+    rank = dist.get_rank(group=param.ds_process_group)
+    start = part * rank
+    count = max(0, min(part, param.ds_numel - start))
+    return param.ds_tensor.data.view(-1)[:count], start
+
+
+def gather_to_owner(param: torch.Tensor, owner: int, comm: Comm) -> torch.Tensor | None:
+    """The full weight on ``owner`` (None elsewhere); only the owner allocates it."""
+    if not _is_partitioned(param):
+        return param.data if comm.rank == owner else None
+    shard = param.ds_tensor.data.view(-1)
+    gathered = [torch.empty_like(shard) for _ in range(comm.world_size)] if comm.rank == owner else None
+    if comm.active:
+        dist.gather(shard, gathered, dst=owner, group=param.ds_process_group)
+        if comm.rank == owner:
+            comm.bytes_gathered += shard.numel() * shard.element_size() * (comm.world_size - 1)
+    else:
+        gathered = [shard]
+    if comm.rank != owner:
+        return None
+    return torch.cat(gathered)[: param.ds_numel].view(full_shape(param))
+
+
+@torch.no_grad()
+def subtract_low_rank(shard: torch.Tensor, start: int, in_features: int,
+                      lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+    """``shard -= (B A)`` restricted to the flat index range ``[start, start + len(shard))``.
+
+    Only the rows that the range touches are formed, so the cost is that of the shard.
+    """
+    if shard.numel() == 0:
+        return
+    end = start + shard.numel()
+    row0, row1 = start // in_features, (end - 1) // in_features + 1
+    block = (lora_b[row0:row1].float() @ lora_a.float()).view(-1)
+    offset = start - row0 * in_features
+    shard.copy_(shard.float() - block[offset : offset + shard.numel()])
+
+
+@torch.no_grad()
+def shard_row_sq_norm(shard: torch.Tensor, start: int, out_features: int, in_features: int) -> torch.Tensor:
+    """Partial squared row norms ``[out]`` from one flat shard (sum over ranks gives the full ones)."""
+    cdtype = torch.promote_types(shard.dtype, torch.float32)
+    sums = torch.zeros(out_features, dtype=cdtype, device=shard.device)
+    if shard.numel():
+        rows = torch.arange(start, start + shard.numel(), device=shard.device) // in_features
+        sums.index_add_(0, rows, shard.to(cdtype).pow(2))
+    return sums
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def cache_key(cfg: DudeConfig, model_name: str, revision: str | None, dtype: str, names: list[str]) -> dict:
+    """Everything the cached factors depend on."""
+    return {
+        "model": model_name,
+        "revision": revision,
+        "dtype": dtype,
+        "targets": list(cfg.targets),
+        "layers_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+        "rank": cfg.rank,
+        "variant": cfg.variant,
+        "svd": cfg.svd,
+        "svd_oversample": cfg.svd_oversample if cfg.svd == "randomized" else None,
+        "svd_niter": cfg.svd_niter if cfg.svd == "randomized" else None,
+        "seed": cfg.seed,
+    }
+
+
+def load_cached_factors(cache_dir: Path, key: dict) -> dict[str, torch.Tensor] | None:
+    """The cached factors if ``key`` matches the stored one; None (with a log line saying why) if not."""
+    from safetensors.torch import load_file
+
+    key_path, data_path = cache_dir / CACHE_KEY_FILE, cache_dir / CACHE_FILE
+    if not key_path.is_file() or not data_path.is_file():
+        return None
+    stored = json.loads(key_path.read_text())
+    if stored != key:
+        diff = sorted(k for k in set(stored) | set(key) if stored.get(k) != key.get(k))
+        logger.warning("factor cache %s is stale (differs in: %s); recomputing", cache_dir, ", ".join(diff))
+        return None
+    return load_file(str(data_path))
+
+
+def save_cached_factors(cache_dir: Path, key: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write factors, then the key, each by an atomic rename: a half-written cache is never read."""
+    from safetensors.torch import save_file
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / (CACHE_FILE + f".tmp{os.getpid()}")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, cache_dir / CACHE_FILE)
+    tmp_key = cache_dir / (CACHE_KEY_FILE + f".tmp{os.getpid()}")
+    tmp_key.write_text(json.dumps(key, indent=1, sort_keys=True))
+    os.replace(tmp_key, cache_dir / CACHE_KEY_FILE)
+
+
+# --------------------------------------------------------------------------- init
+
+
+@dataclass
+class InitStats:
+    """What one initialisation did (logged, and written to TensorBoard as ``init/*``)."""
+
+    layers: int = 0
+    svd_count: int = 0
+    svd_seconds_per_rank: list[float] = field(default_factory=list)
+    layers_per_rank: list[int] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    bytes_broadcast: int = 0
+    bytes_residual_broadcast: int = 0
+    bytes_gathered: int = 0
+    energy: dict[str, float] = field(default_factory=dict)
+    from_cache: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def init_dude_layers(
+    layers: dict[str, DudeLinear],
+    cfg: DudeConfig,
+    *,
+    comm: Comm | None = None,
+    cache_dir: str | Path | None = None,
+    cache_key: dict | None = None,
+) -> InitStats:
+    """Initialise uninitialised ``DudeLinear`` layers whose ``weight`` still holds ``W0``.
+
+    Args:
+        layers: name -> layer, in model order (identical on every rank).
+        cfg: adapter config.
+        comm: collectives; None = one process.
+        cache_dir: factor cache folder; with a matching ``cache_key`` no SVD runs.
+        cache_key: see :func:`cache_key`.
+
+    Returns:
+        What was done, with the same figures on every rank.
+    """
+    comm = comm or Comm()
+    t0 = time.perf_counter()
+    stats = InitStats(layers=len(layers))
+    cache_path = Path(cache_dir) if cache_dir is not None else None
+    cached = None
+    if cache_path is not None and cache_key is not None:
+        cached = load_cached_factors(cache_path, cache_key)
+    # Every rank must agree on whether to factorise; the cache file may be on a node-local disk.
+    hit = torch.tensor([1.0 if cached is not None else 0.0])
+    comm.all_reduce_sum(hit)
+    use_cache = int(hit.item()) == comm.world_size
+    stats.from_cache = use_cache
+
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
+    plan = plan_init(shapes, comm.world_size, cfg)
+    if not use_cache:
+        mine = plan.layers_of(comm.rank)
+        logger.info("init plan: rank %d factorises %d layers (%.3g Gflop est.)",
+                    comm.rank, len(mine), plan.load[comm.rank] / 1e9)
+    svd_seconds = 0.0
+    factors: dict[str, torch.Tensor] = {}
+    broadcast_start = comm.bytes_broadcast
+    for i, (name, layer) in enumerate(layers.items()):
+        out_f, in_f = shapes[name]
+        device = layer.lora_a.device
+        if use_cache:
+            lora_a = cached[f"{name}.lora_a"].to(device=device, dtype=torch.float32)
+            lora_b = cached[f"{name}.lora_b"].to(device=device, dtype=torch.float32)
+            magnitude = cached[f"{name}.magnitude"].to(device=device, dtype=torch.float32)
+        else:
+            owner = plan.owners[name]
+            full = gather_to_owner(layer.weight, owner, comm)
+            lora_a = torch.empty(cfg.rank, in_f, device=device, dtype=torch.float32)
+            lora_b = torch.empty(out_f, cfg.rank, device=device, dtype=torch.float32)
+            magnitude = torch.empty(out_f, device=device, dtype=torch.float32)
+            if comm.rank == owner:
+                t = time.perf_counter()
+                fac = factorize(full, cfg.rank, variant=cfg.variant, method=cfg.svd, name=name,
+                                seed=cfg.seed, oversample=cfg.svd_oversample, niter=cfg.svd_niter)
+                lora_a.copy_(fac.lora_a)
+                lora_b.copy_(fac.lora_b)
+                magnitude.copy_(_owner_magnitude(full, fac.lora_a, fac.lora_b))
+                svd_seconds += time.perf_counter() - t
+                stats.svd_count += 1
+                stats.energy[name] = fac.energy
+                del full
+            comm.broadcast(lora_a, owner)
+            comm.broadcast(lora_b, owner)
+            comm.broadcast(magnitude, owner)
+        shard, start = local_shard(layer.weight)
+        subtract_low_rank(shard, start, in_f, lora_a, lora_b)
+        sq = shard_row_sq_norm(shard, start, out_f, in_f)
+        if _is_partitioned(layer.weight):
+            comm.all_reduce_sum(sq)
+        layer.weight_sq_norm.copy_(sq)
+        layer.lora_a.data.copy_(lora_a)
+        layer.lora_b.data.copy_(lora_b)
+        layer.magnitude.data.copy_(magnitude)
+        factors[f"{name}.lora_a"], factors[f"{name}.lora_b"], factors[f"{name}.magnitude"] = lora_a, lora_b, magnitude
+        itemsize = layer.weight.element_size()
+        stats.bytes_residual_broadcast += out_f * in_f * itemsize
+        if (i + 1) % 16 == 0 or i + 1 == len(layers):
+            logger.info("init: %d/%d layers done (%.1f s)", i + 1, len(layers), time.perf_counter() - t0)
+
+    stats.bytes_broadcast = comm.bytes_broadcast - broadcast_start
+    stats.bytes_gathered = comm.bytes_gathered
+    per_rank = comm.all_gather_floats([svd_seconds, float(stats.svd_count)])
+    stats.svd_seconds_per_rank = [r[0] for r in per_rank]
+    stats.layers_per_rank = [int(r[1]) for r in per_rank]
+    stats.svd_count = sum(stats.layers_per_rank)
+    stats.energy = _gather_energy(stats.energy, comm)
+    if not use_cache and cache_path is not None and cache_key is not None and comm.rank == 0:
+        save_cached_factors(cache_path, cache_key, factors)
+    comm.barrier()
+    stats.wall_seconds = time.perf_counter() - t0
+    logger.info(
+        "init: %d layers, %d SVDs%s, %.2f s wall; broadcast %.3g MB (a residual broadcast: %.3g MB)",
+        stats.layers, stats.svd_count, " (factor cache hit)" if use_cache else "", stats.wall_seconds,
+        stats.bytes_broadcast / 1e6, stats.bytes_residual_broadcast / 1e6,
+    )
+    return stats
+
+
+def _owner_magnitude(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """Row norms of the stored (rounded) ``W_f`` plus ``B A``, in float32, a block of rows at a time."""
+    out = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for r0 in range(0, weight.shape[0], 1024):
+        low_rank = lora_b[r0 : r0 + 1024] @ lora_a
+        residual = (weight[r0 : r0 + 1024].float() - low_rank).to(weight.dtype).float()
+        out[r0 : r0 + 1024] = (residual + low_rank).norm(dim=1)
+    return out
+
+
+def _gather_energy(energy: dict[str, float], comm: Comm) -> dict[str, float]:
+    if not comm.active:
+        return energy
+    gathered: list[dict[str, float]] = [None] * comm.world_size  # type: ignore[list-item]
+    dist.all_gather_object(gathered, energy)
+    merged: dict[str, float] = {}
+    for part in gathered:
+        merged.update(part)
+    return merged
