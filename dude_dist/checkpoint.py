@@ -1,0 +1,133 @@
+"""Atomic training checkpoints of the trainable state only.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step_00000010/          a complete checkpoint (DeepSpeed files + rng_rank*.pt + meta.json)
+    step_00000020.partial/  being written; never resumed from
+    latest                  name of the newest complete checkpoint, replaced by atomic rename
+
+A checkpoint directory is written under a ``.partial`` name, completed with
+``meta.json``, then renamed; ``latest`` is updated last. A crash at any point leaves the
+previous checkpoint complete and ``latest`` pointing at it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+PARTIAL = ".partial"
+META = "meta.json"
+LATEST = "latest"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(engine, root: str | Path, step: int, meta: dict, rank: int, keep_last: int,
+                    fail_after_files: bool = False) -> Path:
+    """Save trainable parameters, optimizer, scheduler, RNG and ``meta`` (data position, config key).
+
+    Every rank must call this. Returns the final directory.
+    """
+    root = Path(root)
+    tag = step_tag(step)
+    partial = root / (tag + PARTIAL)
+    if rank == 0:
+        if partial.exists():
+            shutil.rmtree(partial)
+        root.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    engine.save_checkpoint(str(root), tag=tag + PARTIAL, save_latest=False, exclude_frozen_parameters=True)
+    torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
+    _barrier()
+    if fail_after_files:  # fault injection for tests: die between the files and the commit
+        os._exit(17)
+    final = root / tag
+    if rank == 0:
+        write_text_atomic(partial / META, json.dumps({"step": step, **meta}, indent=1, sort_keys=True))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        write_text_atomic(root / LATEST, tag)
+        _prune(root, keep_last)
+        logger.info("checkpoint saved: %s", final)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL)
+                      and (p / META).is_file())
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resume(root: str | Path) -> Path | None:
+    """The newest complete checkpoint (``latest`` if valid, else the highest complete step)."""
+    root = Path(root)
+    latest = root / LATEST
+    if latest.is_file():
+        candidate = root / latest.read_text().strip()
+        if (candidate / META).is_file():
+            return candidate
+        logger.warning("%s names %s, which is incomplete; looking for another", latest, candidate.name)
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL)
+                      and (p / META).is_file())
+    return complete[-1] if complete else None
+
+
+def read_meta(ckpt: Path) -> dict:
+    return json.loads((Path(ckpt) / META).read_text())
+
+
+def load_checkpoint(engine, ckpt: str | Path, rank: int) -> dict:
+    """Restore trainable state, optimizer, scheduler and this rank's RNG; return the meta dict."""
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
+    rng_file = ckpt / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return meta

@@ -1,0 +1,61 @@
+"""Which samples each rank sees at each optimizer step.
+
+The order depends only on (seed, epoch), never on the world size: step ``s`` uses the
+``s``-th block of ``global_batch_size`` indices of the epoch's permutation, and rank ``k``
+takes the ``k``-th contiguous slice of it, cut into ``grad_accum`` micro-batches. So a
+1-process run and a P-process run with the same global batch see the same samples per
+step, ranks never overlap, and the step number alone is the data position a checkpoint
+needs to resume at the exact next sample.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dude_dist.config import BatchLayout
+
+
+class StepSampler:
+    """Deterministic, world-size independent batches for optimizer steps.
+
+    Args:
+        num_samples: size of the training set.
+        layout: batch arithmetic (micro, accum, world).
+        seed: shuffle seed; epoch ``e`` uses ``seed + e``.
+
+    Raises:
+        ValueError: fewer samples than one global batch.
+    """
+
+    def __init__(self, num_samples: int, layout: BatchLayout, seed: int) -> None:
+        if num_samples < layout.global_batch_size:
+            raise ValueError(
+                f"{num_samples} training samples cannot fill one global batch of {layout.global_batch_size} "
+                f"(micro {layout.micro_batch_size} x accum {layout.grad_accum} x world {layout.world_size})"
+            )
+        self.num_samples = num_samples
+        self.layout = layout
+        self.seed = seed
+        self.steps_per_epoch = num_samples // layout.global_batch_size
+        self._epoch = -1
+        self._perm: torch.Tensor | None = None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm = torch.randperm(self.num_samples, generator=gen)
+            self._epoch = epoch
+        return self._perm
+
+    def global_batch(self, step: int) -> list[int]:
+        """All indices of optimizer step ``step`` (0-based), over every rank."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        size = self.layout.global_batch_size
+        return self._permutation(epoch)[within * size : (within + 1) * size].tolist()
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """Rank ``rank``'s ``grad_accum`` micro-batches of step ``step``."""
+        per_rank = self.layout.per_rank
+        mine = self.global_batch(step)[rank * per_rank : (rank + 1) * per_rank]
+        micro = self.layout.micro_batch_size
+        return [mine[i : i + micro] for i in range(0, per_rank, micro)]

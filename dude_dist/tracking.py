@@ -1,0 +1,83 @@
+"""Logging set up once: rank-0 console, TensorBoard scalars and a JSON-lines metrics file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+
+def setup_logging(rank: int, level: int = logging.INFO) -> None:
+    """Rank 0 logs at ``level``; other ranks only warnings and errors, prefixed with their rank."""
+    fmt = f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    root = logging.getLogger("dude_dist")
+    root.handlers[:] = [handler]
+    root.setLevel(level if rank == 0 else logging.WARNING)
+    root.propagate = False
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # torch.distributed's deprecation notices fire on every ZeRO-3 reduce-scatter.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+def peak_memory_bytes() -> int:
+    """Peak GPU memory of this process if on CUDA, else its current resident set size."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+class Tracker:
+    """TensorBoard + ``metrics.jsonl`` on rank 0; a no-op on other ranks.
+
+    ``metrics.jsonl`` gets one JSON object per logged step, flushed at once, so a crash
+    loses nothing that was logged.
+    """
+
+    def __init__(self, output_dir: str | Path, rank: int) -> None:
+        self.enabled = rank == 0
+        self.writer = None
+        self.metrics = None
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            out = Path(output_dir)
+            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+            self.metrics = open(out / "metrics.jsonl", "a", buffering=1)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+        self.metrics.write(json.dumps({"step": step, **scalars}) + "\n")
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.enabled:
+            self.writer.add_text(tag, text, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.metrics.close()
+
+
+def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalars in a TensorBoard log dir, ``tag -> [(step, value), ...]`` (for tests and tools)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

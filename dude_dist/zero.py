@@ -1,0 +1,155 @@
+"""Everything that touches DeepSpeed: comm start-up, the engine config, ZeRO-3 model
+construction, leaf modules and parameter gathering. The rest of dude_dist is plain torch."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dude_dist.config import BatchLayout, RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+def init_deepspeed_comm(backend: str, timeout: timedelta, rank: int, world_size: int) -> None:
+    """``deepspeed.init_distributed`` without the CPU shared-memory op build.
+
+    On a CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op at start-up
+    (about a minute on 2 cores) that gloo does not need; it is skipped here. GPUs are not
+    affected.
+    """
+    import importlib
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        # `import deepspeed.comm.torch as m` would bind the `torch` attribute of
+        # deepspeed.comm (the torch package itself), so fetch the module by name.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
+                               rank=rank, world_size=world_size, verbose=False)
+
+
+def _deep_update(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def build_ds_config(cfg: RunConfig, layout: BatchLayout) -> dict:
+    """The DeepSpeed config, built from the run config (a JSON file may override keys).
+
+    Batch sizes always come from :func:`dude_dist.config.batch_layout`; a JSON override
+    that disagrees with them is an error, not a silent second source of truth.
+    """
+    ds = cfg.deepspeed
+    zero: dict = {"stage": ds.zero_stage, "reduce_bucket_size": ds.reduce_bucket_size}
+    if ds.zero_stage == 3:
+        zero.update({
+            "stage3_prefetch_bucket_size": ds.stage3_prefetch_bucket_size,
+            "stage3_param_persistence_threshold": ds.stage3_param_persistence_threshold,
+            "stage3_gather_16bit_weights_on_model_save": False,
+        })
+        if ds.offload_param != "none":
+            zero["offload_param"] = {"device": ds.offload_param, "pin_memory": torch.cuda.is_available()}
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "train_batch_size": layout.global_batch_size,
+        "gradient_clipping": cfg.train.max_grad_norm,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "fp16": {"enabled": cfg.model.dtype == "float16"},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if ds.config_file:
+        path = Path(ds.config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"deepspeed.config_file {ds.config_file!r} does not exist")
+        try:
+            user = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{ds.config_file}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+        for key in ("optimizer", "scheduler"):
+            if key in user:
+                raise ValueError(f"{ds.config_file}: '{key}' is set by dude_dist (torch AdamW + cosine); remove it")
+        merged = _deep_update(copy.deepcopy(config), user)
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+            if merged[key] != config[key]:
+                raise ValueError(
+                    f"{ds.config_file}: {key}={merged[key]} disagrees with the run config ({config[key]}); "
+                    "set batch sizes under train: instead"
+                )
+        config = merged
+    return config
+
+
+@contextlib.contextmanager
+def model_init_context(ds_config: dict):
+    """Build a model so that, under ZeRO-3, no rank ever holds all of its weights.
+
+    Yields the ``HfDeepSpeedConfig`` object; it must stay referenced while
+    ``from_pretrained`` runs (transformers reads it through a weak reference).
+    """
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield None
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds_config = HfDeepSpeedConfig(ds_config)
+    yield hf_ds_config
+
+
+def is_zero3_param(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def set_leaf_modules(model: nn.Module) -> None:
+    """Register DudeLinear as a ZeRO-3 leaf: its parameters are fetched together, once per forward."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from dude_dist.dude import DudeLinear
+
+    if any(is_zero3_param(p) for p in model.parameters()):
+        set_z3_leaf_modules(model, [DudeLinear])
+
+
+@contextlib.contextmanager
+def gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
+    """Full values of (possibly ZeRO-3 partitioned) parameters inside the block.
+
+    With ``modifier_rank`` set, edits made on that rank are re-partitioned on exit;
+    with None they are discarded.
+    """
+    params = [p for p in params if is_zero3_param(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def initialize_engine(model: nn.Module, optimizer, scheduler, ds_config: dict):
+    """``deepspeed.initialize`` with a torch optimizer (no CPU FusedAdam build)."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           model_parameters=params, config=ds_config)
+    return engine
