@@ -118,15 +118,20 @@ def apply_dude(model: nn.Module, cfg: DudeConfig, *, comm=None, cache_dir=None, 
     Returns:
         ``model``, changed in place; only DuDe parameters require grad.
     """
+    inject_and_init(model, cfg, comm=comm, cache_dir=cache_dir, cache_key=cache_key)
+    return model
+
+
+def inject_and_init(model: nn.Module, cfg: DudeConfig, *, comm=None, cache_dir=None, cache_key=None):
+    """:func:`apply_dude`, returning what the initialisation did (an ``InitStats``)."""
     from dude_dist.sharded_init import init_dude_layers
 
-    names = find_targets(model, cfg)
-    layers = inject_dude(model, cfg, names)
-    init_dude_layers(layers, cfg, comm=comm, cache_dir=cache_dir, cache_key=cache_key)
-    trainable = set_trainable_params(model)
+    layers = inject_dude(model, cfg, find_targets(model, cfg))
+    stats = init_dude_layers(layers, cfg, comm=comm, cache_dir=cache_dir, cache_key=cache_key)
+    stats.trainable_params = set_trainable_params(model)
     logger.info("DuDe on %d layers (rank %d, variant %s): %d trainable parameters",
-                len(layers), cfg.rank, cfg.variant, trainable)
-    return model
+                len(layers), cfg.rank, cfg.variant, stats.trainable_params)
+    return stats
 
 
 def dude_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

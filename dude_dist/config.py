@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from dude_dist.svd_init import SVD_METHODS, VARIANTS
 NORM_GRADS = ("exact", "detach")
 DTYPES = ("bfloat16", "float16", "float32")
 FORMATS = ("gsm8k", "metamathqa", "commonsense", "alpaca", "chat")
+GSM8K_PROMPT_FORMATS = ("gsm8k", "metamathqa", "commonsense", "alpaca")
 
 
 class ConfigError(ValueError):
@@ -245,6 +247,9 @@ class EvalConfig:
         tasks: ``gsm8k`` and/or commonsense task names (``boolq``, ``piqa``, ...).
         gsm8k_sources: GSM8K test file/folder or hub id, first that loads wins.
         commonsense_dir: folder with ``<task>/test.json`` in LLM-Adapters format.
+        gsm8k_format: the training prompt format that GSM8K questions are put in, so a
+            model trained on ``metamathqa`` or ``commonsense``/``alpaca`` data is asked
+            the way it was trained: ``gsm8k``, ``metamathqa``, ``commonsense``, ``alpaca``.
         limit: items per task (0 = all).
         batch_size: prompts per generation batch.
         max_new_tokens: generation length.
@@ -253,8 +258,9 @@ class EvalConfig:
     """
 
     tasks: tuple[str, ...] = ("gsm8k",)
-    gsm8k_sources: tuple[str, ...] = ("../shared/data/gsm8k/test.jsonl", "openai/gsm8k")
+    gsm8k_sources: tuple[str, ...] = ("../shared/data/gsm8k/test.jsonl", "openai/gsm8k:main")
     commonsense_dir: str = "../shared/data/commonsense"
+    gsm8k_format: str = "gsm8k"
     limit: int = 0
     batch_size: int = 8
     max_new_tokens: int = 256
@@ -265,6 +271,7 @@ class EvalConfig:
         for name in ("tasks", "gsm8k_sources"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        _check_choice(self.gsm8k_format, GSM8K_PROMPT_FORMATS, "eval.gsm8k_format")
         _check(self.limit >= 0, "eval.limit", f"must be >= 0, got {self.limit}")
         _check(self.batch_size > 0, "eval.batch_size", f"must be > 0, got {self.batch_size}")
         _check(self.max_new_tokens > 0, "eval.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
@@ -356,6 +363,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
     origin = typing.get_origin(tp)
@@ -379,6 +389,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         item_type = args[0]
         return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(items))
+    if tp in (float, int) and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        # YAML 1.1 (PyYAML) reads `lr: 3e-4` as a string: a float needs a dot there (3.0e-4).
+        value = float(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
@@ -400,7 +413,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")  # a bug in this module, not in the YAML
 
 
-def _build(cls: type, data: Any, prefix: str, where: typing.Callable[[str], str]) -> Any:
+def _accepts_str(tp: Any) -> bool:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return str in typing.get_args(tp)
+    return tp is str
+
+
+def _build(cls: type, data: Any, prefix: str, where: typing.Callable[[str], str],
+           set_text: dict[str, str] | None = None) -> Any:
+    """Build ``cls`` from ``data``; ``set_text`` holds the raw text of ``--set`` values by key."""
+    set_text = set_text or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where(prefix.rstrip('.'))}{prefix.rstrip('.')}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -410,18 +432,27 @@ def _build(cls: type, data: Any, prefix: str, where: typing.Callable[[str], str]
         full = f"{prefix}{key}"
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
             raise ConfigError(
                 f"{where(full)}unknown key {full!r}{hint} (valid keys here: {', '.join(fields)})"
             )
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{full}.", where)
+            kwargs[key] = _build(tp, value, f"{full}.", where, set_text)
+        elif full in set_text and value is not None and not isinstance(value, str) and _accepts_str(tp):
+            # `--set output_dir=2024-01-01` or `model.revision=1.0`: YAML would read a date or
+            # a number, but a string field given on the command line means the text as typed.
+            kwargs[key] = set_text[full]
         else:
             try:
                 kwargs[key] = _coerce(value, tp, full)
             except ConfigError as exc:
                 raise ConfigError(f"{where(full)}{exc}") from None
+    for f in dataclasses.fields(cls):
+        # A required section left out is built from nothing, so the error names the key it lacks.
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in kwargs and dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], {}, f"{prefix}{f.name}.", where, set_text)
     try:
         return cls(**kwargs)
     except ConfigError as exc:
@@ -477,17 +508,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         source = str(path)
         data, lines = _compose_with_lines(path.read_text(), source)
     parsed = parse_overrides(overrides)
-    set_keys = {k for k, _ in parsed}
+    set_text = {item.split("=", 1)[0].strip(): item.split("=", 1)[1] for item in overrides}
     data = apply_overrides(data, parsed)
 
     def where(key: str) -> str:
-        if key in set_keys:
-            return f"--set {key}: "
+        # The messages go on with the key itself ("<where>adapter.rank: ..."), so name the origin only.
+        if key in set_text:
+            return "--set: "
         if key in lines:
             return f"{source}:{lines[key]}: "
         return f"{source}: "
 
-    return _build(RunConfig, data, "", where)
+    return _build(RunConfig, data, "", where, set_text)
 
 
 def config_to_dict(cfg: Any) -> dict:

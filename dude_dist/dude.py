@@ -105,6 +105,19 @@ class DudeLinear(nn.Module):
             if moved.dtype not in (torch.float32, torch.float64):
                 moved = sq.to(device=moved.device, dtype=torch.float32)
             self._buffers["weight_sq_norm"] = moved
+        # Promoted to float64 (`module.double()`): a float32 sum cast up would cap every row
+        # norm at float32 precision while the weight is now exact in float64, so rebuild it
+        # from the weight when the whole weight is here (not a ZeRO-3 partition, not meta).
+        weight = self.weight
+        if (
+            moved.dtype == torch.float64
+            and sq.dtype != torch.float64
+            and weight.dtype == torch.float64
+            and weight.device.type != "meta"
+            and tuple(weight.shape) == (self.out_features, self.in_features)
+        ):
+            with torch.no_grad():
+                self._buffers["weight_sq_norm"] = row_sq_norm(weight).to(moved.device)
         return self
 
     def _compute_dtype(self) -> torch.dtype:
@@ -113,16 +126,19 @@ class DudeLinear(nn.Module):
     def row_norm(self) -> torch.Tensor:
         """``||W_f + B A||`` per output row, ``[out]``, in at least float32, without ``[out, in]``."""
         cdtype = self._compute_dtype()
-        lora_a = self.lora_a.to(cdtype)
-        lora_b = self.lora_b.to(cdtype)
-        wf_at = F.linear(self.weight, self.lora_a.to(self.weight.dtype)).to(cdtype)  # [out, r]
-        a_at = lora_a @ lora_a.T  # [r, r]
-        sq = (
-            self.weight_sq_norm.to(cdtype)
-            + 2.0 * (lora_b * wf_at).sum(dim=1)
-            + ((lora_b @ a_at) * lora_b).sum(dim=1)
-        )
-        return sq.clamp_min(self.eps).sqrt()
+        # Under torch.autocast the [r, r] and [out, r] products would run in bf16/fp16 and the
+        # norm would lose the precision the float32 buffer keeps (m / n off by ~1e-3 at step 0).
+        with torch.autocast(device_type=self.weight.device.type, enabled=False):
+            lora_a = self.lora_a.to(cdtype)
+            lora_b = self.lora_b.to(cdtype)
+            wf_at = F.linear(self.weight, self.lora_a.to(self.weight.dtype)).to(cdtype)  # [out, r]
+            a_at = lora_a @ lora_a.T  # [r, r]
+            sq = (
+                self.weight_sq_norm.to(cdtype)
+                + 2.0 * (lora_b * wf_at).sum(dim=1)
+                + ((lora_b @ a_at) * lora_b).sum(dim=1)
+            )
+            return sq.clamp_min(self.eps).sqrt()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.row_norm()

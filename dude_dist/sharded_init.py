@@ -253,6 +253,7 @@ class InitStats:
     bytes_gathered: int = 0
     energy: dict[str, float] = field(default_factory=dict)
     from_cache: bool = False
+    trainable_params: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)

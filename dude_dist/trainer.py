@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dude_dist import checkpoint as ckpt_lib
-from dude_dist.adapters import apply_dude, get_dude_layers
+from dude_dist.adapters import get_dude_layers, inject_and_init
 from dude_dist.config import RunConfig, batch_layout, config_to_dict
 from dude_dist.distributed import DistEnv, init_distributed
 from dude_dist.models import load_model, load_tokenizer
@@ -132,7 +132,7 @@ class Trainer:
     def _build_engine(self):
         from transformers import get_cosine_schedule_with_warmup
 
-        from dude_dist.zero import build_ds_config, initialize_engine, model_init_context, set_leaf_modules
+        from dude_dist.zero import build_ds_config, initialize_engine, model_init_context
 
         cfg = self.cfg
         self.ds_config = build_ds_config(cfg, self.layout)
@@ -142,17 +142,12 @@ class Trainer:
         key = cache_key(cfg.adapter, cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype,
                         [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)])
         self.cache_key = key
-        from dude_dist.sharded_init import init_dude_layers
-        from dude_dist.adapters import find_targets, inject_dude, set_trainable_params
-
-        names = find_targets(model, cfg.adapter)
-        layers = inject_dude(model, cfg.adapter, names)
-        self.init_stats = init_dude_layers(layers, cfg.adapter, comm=Comm(),
-                                           cache_dir=self.output_dir / "dude_init", cache_key=key)
-        self.trainable = set_trainable_params(model)
-        set_leaf_modules(model)
+        self.init_stats = inject_and_init(model, cfg.adapter, comm=Comm(), cache_dir=self.output_dir / "dude_init",
+                                          cache_key=key)
+        self.trainable = self.init_stats.trainable_params
         if cfg.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
                                       weight_decay=cfg.train.weight_decay)
@@ -170,7 +165,7 @@ class Trainer:
             "init/trainable_params": self.trainable,
             **{f"init/svd_seconds_rank{r}": s for r, s in enumerate(stats.svd_seconds_per_rank)},
         }
-        logger.info("trainable parameters: %d in %d DuDe layers", self.trainable, len(layers))
+        logger.info("trainable parameters: %d in %d DuDe layers", self.trainable, self.init_stats.layers)
         return engine
 
     def _fingerprint(self) -> dict:

@@ -118,16 +118,6 @@ def is_zero3_param(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
-def set_leaf_modules(model: nn.Module) -> None:
-    """Register DudeLinear as a ZeRO-3 leaf: its parameters are fetched together, once per forward."""
-    from deepspeed.utils import set_z3_leaf_modules
-
-    from dude_dist.dude import DudeLinear
-
-    if any(is_zero3_param(p) for p in model.parameters()):
-        set_z3_leaf_modules(model, [DudeLinear])
-
-
 @contextlib.contextmanager
 def gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
     """Full values of (possibly ZeRO-3 partitioned) parameters inside the block.

@@ -1,0 +1,340 @@
+"""Accuracy by greedy generation (GSM8K, LLM-Adapters commonsense) and held-out loss.
+
+Prompts come from :mod:`dude_dist.data`, so a model is asked exactly the way it was
+trained. Answers are read from the completion as LLM-Adapters does: the last number for
+GSM8K (or the one after ``####``), the first task keyword (``true``, ``answer2``, ...)
+for the commonsense tasks.
+
+Try it on CPU::
+
+    python -c "from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; \
+from dude_dist.config import EvalConfig; from dude_dist.evaluate import run_eval; \
+p='../shared/models/stories260K'; \
+print(run_eval(M.from_pretrained(p), T.from_pretrained(p), EvalConfig(limit=8, max_new_tokens=16))['gsm8k']['accuracy'])"
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig
+
+from dude_dist.config import EvalConfig
+from dude_dist.data import (
+    IGNORE_INDEX,
+    DataError,
+    collate_batch,
+    ensure_pad_token,
+    instruction_prompt,
+    load_first_source,
+    question_prompt,
+)
+
+logger = logging.getLogger(__name__)
+
+# LLM-Adapters `commonsense_evaluate.py::extract_answer`: the first match wins, case-sensitive.
+COMMONSENSE_PATTERNS: dict[str, re.Pattern[str]] = {
+    "boolq": re.compile(r"true|false"),
+    "piqa": re.compile(r"solution1|solution2"),
+    "social_i_qa": re.compile(r"answer1|answer2|answer3|answer4|answer5"),
+    "ARC-Challenge": re.compile(r"answer1|answer2|answer3|answer4|answer5"),
+    "ARC-Easy": re.compile(r"answer1|answer2|answer3|answer4|answer5"),
+    "openbookqa": re.compile(r"answer1|answer2|answer3|answer4|answer5"),
+    "hellaswag": re.compile(r"ending1|ending2|ending3|ending4"),
+    "winogrande": re.compile(r"option1|option2"),
+}
+TASKS = ("gsm8k", *COMMONSENSE_PATTERNS)
+
+# A minus only where it cannot be a hyphen or subtraction ("10-15", "16-3"); thousands
+# separators only in groups of three, so a list "2,3,4" stays three numbers.
+_NUMBER_BODY = r"\$?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?" + _NUMBER_BODY)
+_MARKED = re.compile(r"####\s*(-?" + _NUMBER_BODY + ")")
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def normalize_number(text: str) -> str | None:
+    """``"$1,234.50"`` -> ``"1234.5"``, ``"72.0"`` -> ``"72"``; None if not a number."""
+    cleaned = text.replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    try:
+        value = Decimal(cleaned)
+    except InvalidOperation:
+        return None
+    if not value.is_finite():
+        return None
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def extract_gsm8k_answer(text: str) -> str | None:
+    """The answer in a GSM8K completion: the number after the first ``####``, else the last number.
+
+    The ``####`` marker wins because a model trained on GSM8K answers may keep writing
+    (a next "Question: ...") after it when generation is cut by length, not eos.
+
+    Returns:
+        The normalised number (commas, ``$`` stripped; ``72.0`` == ``72``), or None.
+    """
+    marked = _MARKED.search(text)
+    if marked:
+        return normalize_number(marked.group(1))
+    numbers = _NUMBER.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def gsm8k_reference(answer_field: str) -> str:
+    """The reference number of a GSM8K ``answer`` field (the text after ``####``).
+
+    Raises:
+        DataError: the field has no ``#### <number>``.
+    """
+    _, marker, tail = answer_field.rpartition("####")
+    number = normalize_number(tail.strip()) if marker else None
+    if number is None:
+        raise DataError(f"GSM8K answer has no '#### <number>' at the end: {answer_field[-80:]!r}")
+    return number
+
+
+def extract_commonsense_answer(task: str, text: str) -> str | None:
+    """The first answer keyword of ``task`` in ``text`` (LLM-Adapters' rule), or None.
+
+    Raises:
+        DataError: ``task`` is not a known commonsense task.
+    """
+    if task not in COMMONSENSE_PATTERNS:
+        raise DataError(f"unknown commonsense task {task!r}; valid: {', '.join(COMMONSENSE_PATTERNS)}")
+    match = COMMONSENSE_PATTERNS[task].search(text.strip())
+    return match.group(0) if match else None
+
+
+# --------------------------------------------------------------------------- items
+
+
+def _first(ds: Any, limit: int) -> list[dict]:
+    return ds.select(range(min(limit, len(ds)))).to_list() if limit else ds.to_list()
+
+
+def _require(ds: Any, fields: tuple[str, ...], label: str) -> None:
+    missing = [f for f in fields if f not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"{label}: evaluation expects fields {', '.join(fields)}, found {', '.join(ds.column_names)}"
+        )
+
+
+def load_gsm8k_items(sources: Sequence[str], limit: int = 0) -> list[dict]:
+    """GSM8K test items ``{question, answer, reference}``, the first ``limit`` (0 = all).
+
+    Raises:
+        DataError: no source loads, fields are missing, or an answer has no ``####``.
+    """
+    ds, label = load_first_source(tuple(sources), "test", "eval.gsm8k_sources")
+    _require(ds, ("question", "answer"), label)
+    items = _first(ds, limit)
+    for item in items:
+        item["reference"] = gsm8k_reference(item["answer"])
+    return items
+
+
+def load_commonsense_items(commonsense_dir: str | Path, task: str, limit: int = 0) -> list[dict]:
+    """Test items ``{instruction, input, answer, ...}`` of ``<commonsense_dir>/<task>``.
+
+    Raises:
+        DataError: unknown task, no ``test`` file, or missing fields.
+    """
+    if task not in COMMONSENSE_PATTERNS:
+        raise DataError(f"unknown commonsense task {task!r}; valid: {', '.join(COMMONSENSE_PATTERNS)}")
+    ds, label = load_first_source((str(Path(commonsense_dir) / task),), "test", "eval.commonsense_dir")
+    _require(ds, ("instruction", "answer"), label)
+    return _first(ds, limit)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    batch_size: int,
+    max_new_tokens: int,
+    synced_gpus: bool = False,
+) -> list[str]:
+    """Greedy completions of ``prompts``, batched with left padding; only the new text.
+
+    Args:
+        model: a causal LM (in eval mode for the call; its mode is restored).
+        tokenizer: its tokenizer (a pad token is set if missing; padding side restored).
+        prompts: texts, tokenised with the tokenizer's special tokens as in training.
+        batch_size: prompts per ``generate`` call.
+        max_new_tokens: tokens generated per prompt at most.
+        synced_gpus: keep ranks stepping together until all finish (ZeRO-3, where every
+            forward gathers parameters from all ranks); then every rank must call this
+            with the same number of batches.
+
+    Returns:
+        One decoded completion per prompt, special tokens removed.
+    """
+    pad_id = ensure_pad_token(tokenizer)
+    eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              pad_token_id=pad_id, eos_token_id=eos)
+    device = next(model.parameters()).device
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"  # generation appends on the right, so pads go left
+    completions: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
+            batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+            output = model.generate(**batch, generation_config=config, synced_gpus=synced_gpus)
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            completions.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return completions
+
+
+def evaluate_gsm8k(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[dict],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    synced_gpus: bool = False,
+    prompt_format: str = "gsm8k",
+) -> dict:
+    """GSM8K accuracy: exact match of the normalised final number.
+
+    Args:
+        items: from :func:`load_gsm8k_items`.
+        prompt_format: training format whose prompt holds the question (``eval.gsm8k_format``).
+
+    Returns:
+        ``accuracy``, ``n``, ``correct`` and ``records`` (question, reference,
+        completion, predicted, correct per item).
+    """
+    prompts = [question_prompt(prompt_format, item["question"]) for item in items]
+    completions = generate(model, tokenizer, prompts, batch_size, max_new_tokens, synced_gpus)
+    records = []
+    for item, completion in zip(items, completions):
+        predicted = extract_gsm8k_answer(completion)
+        records.append({"question": item["question"], "reference": item["reference"], "completion": completion,
+                        "predicted": predicted, "correct": predicted == item["reference"]})
+    return _summary(records)
+
+
+def evaluate_commonsense(
+    model: Any,
+    tokenizer: Any,
+    task: str,
+    items: Sequence[dict],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    synced_gpus: bool = False,
+) -> dict:
+    """Accuracy on one LLM-Adapters commonsense task (first answer keyword == ``answer``).
+
+    Returns:
+        ``accuracy``, ``n``, ``correct`` and ``records`` (instruction, reference,
+        completion, predicted, correct per item).
+    """
+    prompts = [instruction_prompt(item["instruction"], item.get("input") or "") for item in items]
+    completions = generate(model, tokenizer, prompts, batch_size, max_new_tokens, synced_gpus)
+    records = []
+    for item, completion in zip(items, completions):
+        predicted = extract_commonsense_answer(task, completion)
+        records.append({"instruction": item["instruction"], "reference": item["answer"], "completion": completion,
+                        "predicted": predicted, "correct": predicted == item["answer"]})
+    return _summary(records)
+
+
+def _summary(records: list[dict]) -> dict:
+    correct = sum(r["correct"] for r in records)
+    return {"accuracy": correct / len(records) if records else 0.0, "n": len(records), "correct": correct,
+            "records": records}
+
+
+def run_eval(model: Any, tokenizer: Any, cfg: EvalConfig, *, synced_gpus: bool = False) -> dict[str, dict]:
+    """Evaluate every task of ``cfg.tasks`` (``cfg.limit`` items each).
+
+    Returns:
+        Task name -> the dict of :func:`evaluate_gsm8k` / :func:`evaluate_commonsense`.
+
+    Raises:
+        DataError: an unknown task (checked before any generation) or unloadable data.
+    """
+    unknown = [t for t in cfg.tasks if t not in TASKS]
+    if unknown:
+        raise DataError(f"eval.tasks: unknown task(s) {unknown}; valid: {', '.join(TASKS)}")
+    options = {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens, "synced_gpus": synced_gpus}
+    results = {}
+    for task in cfg.tasks:
+        if task == "gsm8k":
+            items = load_gsm8k_items(cfg.gsm8k_sources, cfg.limit)
+            results[task] = evaluate_gsm8k(model, tokenizer, items, prompt_format=cfg.gsm8k_format, **options)
+        else:
+            items = load_commonsense_items(cfg.commonsense_dir, task, cfg.limit)
+            results[task] = evaluate_commonsense(model, tokenizer, task, items, **options)
+        logger.info("eval %s: accuracy %.4f (%d/%d)", task, results[task]["accuracy"],
+                    results[task]["correct"], results[task]["n"])
+    return results
+
+
+# --------------------------------------------------------------------------- loss
+
+
+@torch.no_grad()
+def eval_loss(model: Any, dataset: Sequence[dict], pad_token_id: int, batch_size: int) -> dict[str, float]:
+    """Mean next-token cross-entropy over labelled tokens (token-weighted, not per batch).
+
+    A plain forward on this process, no collectives: the trainer has its own
+    distributed version.
+
+    Args:
+        model: a causal LM.
+        dataset: samples with ``input_ids`` and ``labels`` (e.g. ``TokenizedData.eval``).
+        pad_token_id: for :func:`~dude_dist.data.collate_batch`.
+        batch_size: samples per forward.
+
+    Returns:
+        ``loss`` (nats per token), ``perplexity`` and ``tokens`` (the number of targets).
+
+    Raises:
+        ValueError: the dataset has no labelled token.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = {k: v.to(device) for k, v in collate_batch(samples, pad_token_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]  # position t predicts token t+1
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                     ignore_index=IGNORE_INDEX, reduction="sum").item()
+            tokens += int((targets != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError("eval_loss: the dataset has no labelled tokens")
+    loss = total / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}

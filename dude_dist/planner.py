@@ -1,0 +1,455 @@
+"""Plan a run before it starts: parameters, per-GPU memory under ZeRO-3, and the init plan.
+
+    python launch/plan.py --config configs/qwen32b.yaml --nodes 4 --gpus-per-node 8
+
+The model is built on the ``meta`` device from its ``config.json`` facts (no weights, no
+download): a local folder's ``config.json``, or ``configs/models/<org>--<name>.json`` for a
+hub id. DuDe shells are injected with :func:`dude_dist.adapters.inject_dude` exactly as a
+run does, so the trainable count is that of the real model, not of a formula alone.
+
+Per-GPU memory over ``N = nodes * gpus_per_node`` ranks, ``P`` parameters, ``T`` trainable
+ones, ``b`` bytes per element of the model dtype (2 for bf16)::
+
+    params          b * P / N            every parameter's ZeRO-3 partition
+    grads           b * T / N            gradient partition (DeepSpeed accumulates in the model dtype)
+    optimizer      12 * T / N            fp32 master copy + Adam exp_avg + exp_avg_sq
+    optimizer_step  4 * min(T / N, S)    fp32 copy of one sub-group's gradients during step()
+                                         (S = zero_optimization.sub_group_size, 1e9 by default)
+    persistent      b * (elements of parameters with <= stage3_param_persistence_threshold
+                    elements): ZeRO-3 keeps these whole on every rank (norms, biases, and at
+                    rank 16 every DuDe A, B and m of a 5120-wide layer)
+    buffers         non-partitioned buffers (DuDe's fp32 ||W_f||^2 rows, rotary tables)
+    gathered        b * L + b * L_t      the largest module's full weight (L elements) while it
+                                         runs, and its full gradient if it is trainable (L_t)
+    buckets         b * (prefetch + reduce)   stage3_prefetch_bucket_size, reduce_bucket_size
+    activations     see :func:`activation_bytes`
+    reserve         CUDA context, NCCL buffers and allocator slack (a fixed allowance)
+
+With ``all_trainable=True`` (T = P) the model-state part (params + grads + optimizer +
+optimizer_step + gathered) is what DeepSpeed's
+``estimate_zero3_model_states_mem_needs(cpu_offload=False)`` estimates as
+``4 * L + 18 * P / N``; :func:`deepspeed_estimate` calls it for comparison. DeepSpeed counts
+18 bytes per parameter where the accounting above has 16 plus the bounded fp32 step copy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dude_dist.config import DudeConfig, RunConfig, batch_layout
+from dude_dist.sharded_init import plan_init
+from dude_dist.svd_init import factorize, svd_cost
+
+GIB = 2**30
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+ADAM_STATE_BYTES = 12  # fp32 master + exp_avg + exp_avg_sq
+FP32_GRAD_BYTES = 4
+SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's zero_optimization.sub_group_size default
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+
+
+class PlanError(ValueError):
+    """The planner cannot find or use the model facts; the message says what to pass."""
+
+
+# --------------------------------------------------------------------------- model facts
+
+
+def model_facts_name(name_or_path: str) -> str:
+    """File name of a hub id's stored facts: ``Qwen/Qwen2.5-32B`` -> ``Qwen--Qwen2.5-32B.json``."""
+    return name_or_path.strip("/").replace("/", "--") + ".json"
+
+
+def find_model_facts(name_or_path: str, model_config: str | Path | None = None,
+                     models_dirs: list[Path] | None = None) -> Path:
+    """The ``config.json`` to plan from.
+
+    Order: ``model_config`` (a file, or a folder holding ``config.json``); a local model
+    folder ``name_or_path`` with a ``config.json``; ``<dir>/<org>--<name>.json`` in
+    ``models_dirs`` (default: ``./configs/models`` then the checkout's ``configs/models``).
+
+    Raises:
+        PlanError: nothing found; the message lists where it looked.
+    """
+    if model_config is not None:
+        path = Path(model_config)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise PlanError(f"--model-config {str(model_config)!r}: no such file (or no config.json in that folder)")
+        return path
+    if name_or_path.startswith("pkg:"):
+        from dude_dist.models import resolve_model_path
+
+        name_or_path = resolve_model_path(name_or_path)
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        if (local / "config.json").is_file():
+            return local / "config.json"
+        raise PlanError(f"model.name_or_path {name_or_path!r} is a folder without config.json "
+                        "(a GGUF-only folder?); pass --model-config with a config.json")
+    if name_or_path.startswith((".", "/", "~")):
+        raise PlanError(f"model.name_or_path {name_or_path!r} does not exist (a local path, not a hub id)")
+    dirs = models_dirs or [Path.cwd() / "configs" / "models", DEFAULT_MODELS_DIR]
+    tried = []
+    for folder in dirs:
+        candidate = folder / model_facts_name(name_or_path)
+        if candidate.is_file():
+            return candidate
+        tried.append(str(candidate))
+    raise PlanError(f"no stored config.json facts for model.name_or_path {name_or_path!r}; looked for "
+                    f"{', '.join(dict.fromkeys(tried))}. Save the model's config.json there or pass --model-config")
+
+
+def load_model_facts(path: str | Path) -> dict:
+    """A ``config.json`` as a dict, without the ``_``-prefixed notes."""
+    path = Path(path)
+    try:
+        facts = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    if "model_type" not in facts:
+        raise PlanError(f"{path}: no 'model_type' key; is this a Hugging Face config.json?")
+    return {k: v for k, v in facts.items() if not k.startswith("_")}
+
+
+def build_meta_model(facts: dict, dtype: str = "bfloat16") -> nn.Module:
+    """The causal LM of ``facts`` on the meta device: every shape, no storage."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    facts = dict(facts)
+    config = AutoConfig.for_model(facts.pop("model_type"), **facts)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+
+
+def inject_dude_shells(model: nn.Module, adapter: DudeConfig) -> dict[str, tuple[int, int]]:
+    """Put uninitialised DuDe layers where a run would (no SVD); return ``name -> (out, in)``.
+
+    Only the DuDe parameters require grad afterwards, as in a run.
+    """
+    from dude_dist.adapters import find_targets, inject_dude, set_trainable_params
+
+    layers = inject_dude(model, adapter, find_targets(model, adapter))
+    set_trainable_params(model)
+    return {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(total, trainable)`` elements; a tied parameter counts once (``parameters()`` dedups)."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def trainable_closed_form(shapes: dict[str, tuple[int, int]], rank: int) -> int:
+    """``sum r * (in + out) + out`` over the target layers (``A``, ``B`` and ``m``)."""
+    return sum(rank * (in_f + out_f) + out_f for out_f, in_f in shapes.values())
+
+
+def largest_module(model: nn.Module) -> tuple[int, int]:
+    """``(elements, trainable elements)`` of the module with the most direct parameters.
+
+    The same definition as DeepSpeed's ``model_to_params`` (which cannot be used on meta
+    tensors: it deduplicates by ``data_ptr``, and every meta pointer is 0).
+    """
+    best, best_trainable = 0, 0
+    for module in model.modules():
+        direct = list(module.parameters(recurse=False))
+        n = sum(p.numel() for p in direct)
+        if n > best:
+            best, best_trainable = n, sum(p.numel() for p in direct if p.requires_grad)
+    return best, best_trainable
+
+
+def buffer_bytes(model: nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def persistent_params(model: nn.Module, threshold: int) -> int:
+    """Elements of the parameters ZeRO-3 leaves unpartitioned (``numel <= threshold``)."""
+    return sum(p.numel() for p in model.parameters() if p.numel() <= threshold)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def activation_bytes(facts: dict, micro_batch_size: int, seq_len: int, dtype_bytes: int,
+                     dude_values_per_layer: int, gradient_checkpointing: bool = True) -> dict[str, int]:
+    """Activation memory of one rank for one micro-batch (an estimate, documented here).
+
+    ``t = micro * seq`` tokens, hidden ``h``, ``q = heads * head_dim``, ``kv = kv_heads *
+    head_dim``, MLP width ``i``, ``L`` layers, vocab ``V``. Values kept per token by one
+    decoder layer (SDPA/flash attention, so no ``seq^2`` score matrix):
+
+        2 RMSNorms x 5h   (bf16 input + fp32 upcast and normalised copy)
+        3q + 3kv          (q, k, v; rotary q, k; attention output, as q)
+        4i                (gate, up, act(gate), act(gate) * up)
+        2h                (o_proj and down_proj outputs for the residual adds)
+        + DuDe            (x A^T [r] and the pre-scale output [out] per target)
+
+    ``layer = 2 * t * b * values``: the factor 2 is the gradients of those tensors, alive in
+    the same layer's backward. With checkpointing only each layer's input survives the
+    forward (``checkpoints = L * t * h * b``) plus one recomputed layer; without it, all
+    ``L`` layers are kept. ``logits = t * V * 10``: bf16 logits, the loss's fp32 upcast and
+    its fp32 gradient.
+    """
+    h = facts["hidden_size"]
+    heads = facts["num_attention_heads"]
+    head_dim = facts.get("head_dim") or h // heads
+    q = heads * head_dim
+    kv = facts.get("num_key_value_heads", heads) * head_dim
+    inter = facts["intermediate_size"]
+    n_layers = facts["num_hidden_layers"]
+    tokens = micro_batch_size * seq_len
+    values = 2 * 5 * h + 3 * q + 3 * kv + 4 * inter + 2 * h + dude_values_per_layer
+    layer = 2 * tokens * dtype_bytes * values
+    if gradient_checkpointing:
+        kept = {"checkpoints": n_layers * tokens * h * dtype_bytes, "recompute_layer": layer}
+    else:
+        kept = {"checkpoints": 0, "recompute_layer": n_layers * layer}
+    kept["logits"] = tokens * facts["vocab_size"] * (2 + 4 + 4)
+    return kept
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per GPU, by what holds them (see the module docstring for each formula)."""
+
+    params: int
+    grads: int
+    optimizer: int
+    optimizer_step: int
+    persistent: int
+    buffers: int
+    gathered: int
+    buckets: int
+    activations: int
+    reserve: int
+    activations_detail: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def model_states(self) -> int:
+        """What DeepSpeed's estimator covers: params, grads, optimizer and the gathered module."""
+        return self.params + self.grads + self.optimizer + self.optimizer_step + self.gathered
+
+    @property
+    def total(self) -> int:
+        return self.model_states + self.persistent + self.buffers + self.buckets + self.activations + self.reserve
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "model_states": self.model_states, "total": self.total}
+
+
+def zero_model_states(total_params: int, trainable_params: int, largest: int, largest_trainable: int,
+                      world_size: int, dtype_bytes: int = 2, stage: int = 3,
+                      sub_group_size: int = SUB_GROUP_SIZE) -> dict[str, int]:
+    """Params, grads, optimizer states and the gathered module per GPU (no offload).
+
+    Stage 1 partitions the optimizer states, 2 also the gradients, 3 also the parameters
+    (and only stage 3 gathers a module's full weight while it runs).
+    """
+
+    def part(n: int, partitioned: bool) -> int:
+        return -(-n // world_size) if partitioned else n
+
+    trainable = part(trainable_params, stage >= 2)
+    return {
+        "params": dtype_bytes * part(total_params, stage == 3),
+        "grads": dtype_bytes * trainable,
+        "optimizer": ADAM_STATE_BYTES * part(trainable_params, stage >= 1),
+        "optimizer_step": FP32_GRAD_BYTES * min(part(trainable_params, stage >= 1), sub_group_size),
+        "gathered": dtype_bytes * (largest + largest_trainable) if stage == 3 else 0,
+    }
+
+
+def deepspeed_estimate(total_params: int, largest_layer_params: int, num_gpus_per_node: int,
+                       num_nodes: int) -> int:
+    """DeepSpeed's own per-GPU estimate (ZeRO-3, no offload, all parameters trainable)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    _, gpu_mem, _ = estimate_zero3_model_states_mem_needs(
+        total_params, largest_layer_params, num_gpus_per_node=num_gpus_per_node, num_nodes=num_nodes,
+        cpu_offload=False, cpu_offload_params=False, zero_init=True)
+    return int(gpu_mem)
+
+
+# --------------------------------------------------------------------------- SVD timing
+
+
+def calibrate_svd_gflops(adapter: DudeConfig, size: int = 512) -> float:
+    """Measured throughput of this machine in ``svd_cost`` units (Gflop/s), nothing cached.
+
+    Times one factorisation of a random ``size x size`` float32 matrix with the configured
+    method after one warm-up. ``svd_cost`` is a model (exact: ``out*in*min``), so this is
+    a rate in that model's units; a small CPU SVD extrapolates to large ones roughly, and a
+    GPU is much faster: pass ``svd_gflops`` for the cluster's figure.
+    """
+    rank = min(adapter.rank, size)
+    weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+    kwargs = {"variant": adapter.variant, "method": adapter.svd, "name": "calibration",
+              "oversample": adapter.svd_oversample, "niter": adapter.svd_niter}
+    factorize(weight, rank, **kwargs)
+    start = time.perf_counter()
+    factorize(weight, rank, **kwargs)
+    seconds = max(time.perf_counter() - start, 1e-6)
+    cost = svd_cost(size, size, rank, adapter.svd, oversample=adapter.svd_oversample, niter=adapter.svd_niter)
+    return cost / seconds / 1e9
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything :func:`plan_run` found; ``to_dict`` is what ``launch/plan.py --json`` prints."""
+
+    model: str
+    facts_file: str
+    nodes: int
+    gpus_per_node: int
+    base_params: int
+    total_params: int
+    trainable_params: int
+    trainable_closed_form: int
+    targets: int
+    largest_module_params: int
+    zero_stage: int
+    memory: MemoryPlan
+    gpu_memory_bytes: int
+    init: dict
+    all_trainable: dict
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.gpu_memory_bytes
+
+    def to_dict(self) -> dict:
+        keys = ("model", "facts_file", "nodes", "gpus_per_node", "world_size", "base_params", "total_params",
+                "trainable_params", "trainable_closed_form", "targets", "largest_module_params", "zero_stage",
+                "gpu_memory_bytes", "fits", "init", "all_trainable")
+        d = {k: getattr(self, k) for k in keys}
+        d["memory"] = self.memory.to_dict()
+        return d
+
+
+def plan_run(cfg: RunConfig, nodes: int, gpus_per_node: int, *, gpu_memory_gb: float = 80.0,
+             svd_gflops: float | None = None, model_config: str | Path | None = None,
+             reserve_gb: float = 2.0, all_trainable: bool = False, compare_deepspeed: bool = True) -> Plan:
+    """Build the meta model with DuDe shells and work out memory and the init plan.
+
+    Args:
+        cfg: the run config (model, adapter, batch sizes, max_seq_len, DeepSpeed buckets).
+        nodes: number of nodes.
+        gpus_per_node: ranks per node.
+        gpu_memory_gb: memory of one GPU in GiB (an "80 GB" H100 has 79.6 GiB usable).
+        svd_gflops: SVD throughput of one GPU; None = measure this machine (see
+            :func:`calibrate_svd_gflops`).
+        model_config: a ``config.json`` to use instead of looking one up.
+        reserve_gb: fixed allowance for CUDA context, NCCL and allocator slack (GiB).
+        all_trainable: count every parameter as trainable (DeepSpeed estimator's mode).
+        compare_deepspeed: also report DeepSpeed's estimate (imports deepspeed).
+
+    Raises:
+        PlanError: the model facts cannot be found or read.
+        ValueError: ``nodes``/``gpus_per_node`` not positive, or the targets match nothing.
+    """
+    if nodes < 1 or gpus_per_node < 1:
+        raise ValueError(f"--nodes and --gpus-per-node must be >= 1, got {nodes} and {gpus_per_node}")
+    world = nodes * gpus_per_node
+    batch_layout(cfg.train, world)  # a global batch the world cannot split is an error here too
+    facts_path = find_model_facts(cfg.model.name_or_path, model_config)
+    facts = load_model_facts(facts_path)
+    model = build_meta_model(facts, cfg.model.dtype)
+    base_params, _ = count_parameters(model)
+    shapes = inject_dude_shells(model, cfg.adapter)
+    if all_trainable:
+        model.requires_grad_(True)
+    total, trainable = count_parameters(model)
+    largest, largest_trainable = largest_module(model)
+    b = DTYPE_BYTES[cfg.model.dtype]
+    ds = cfg.deepspeed
+
+    states = zero_model_states(total, trainable, largest, largest_trainable, world, b, ds.zero_stage)
+    rank = cfg.adapter.rank
+    dude_values = sum(rank + out_f for out_f, _ in shapes.values()) // facts["num_hidden_layers"]
+    acts = activation_bytes(facts, cfg.train.micro_batch_size, cfg.data.max_seq_len, b, dude_values,
+                            cfg.train.gradient_checkpointing)
+    memory = MemoryPlan(
+        **states,
+        persistent=b * persistent_params(model, ds.stage3_param_persistence_threshold) if ds.zero_stage == 3 else 0,
+        buffers=buffer_bytes(model),
+        buckets=b * ((ds.stage3_prefetch_bucket_size if ds.zero_stage == 3 else 0) + ds.reduce_bucket_size),
+        activations=sum(acts.values()), reserve=int(reserve_gb * GIB), activations_detail=acts)
+
+    init = plan_init(shapes, world, cfg.adapter)
+    source = "given" if svd_gflops else "measured on this machine's CPU"
+    gflops = svd_gflops or calibrate_svd_gflops(cfg.adapter)
+    init_dict = {
+        "svd": cfg.adapter.svd, "svd_gflops": gflops, "svd_gflops_source": source,
+        "layers_per_rank": [len(init.layers_of(r)) for r in range(world)],
+        "flops_per_rank": init.load,
+        "seconds_per_rank": [load / (gflops * 1e9) for load in init.load],
+        "bytes_broadcast": sum(4 * (rank * (i + o) + o) for o, i in shapes.values()),
+        "bytes_residual": sum(b * o * i for o, i in shapes.values()),
+    }
+
+    # DeepSpeed's estimator assumes every parameter is trained; put ours in that mode too.
+    all_states = zero_model_states(total, total, largest, largest, world, b, stage=3)
+    comparison = {"ours_model_states": sum(all_states.values())}
+    if compare_deepspeed:
+        comparison["deepspeed_model_states"] = deepspeed_estimate(total, largest, gpus_per_node, nodes)
+        comparison["ratio"] = comparison["ours_model_states"] / comparison["deepspeed_model_states"]
+    return Plan(
+        model=cfg.model.name_or_path, facts_file=str(facts_path), nodes=nodes, gpus_per_node=gpus_per_node,
+        base_params=base_params, total_params=total, trainable_params=trainable,
+        trainable_closed_form=trainable_closed_form(shapes, rank), targets=len(shapes),
+        largest_module_params=largest, zero_stage=ds.zero_stage, memory=memory,
+        gpu_memory_bytes=int(gpu_memory_gb * GIB), init=init_dict, all_trainable=comparison)
+
+
+def format_plan(plan: Plan) -> str:
+    """The human-readable report ``launch/plan.py`` prints."""
+    g = lambda n: f"{n / GIB:8.2f} GiB"  # noqa: E731
+    m, init = plan.memory, plan.init
+    lines = [
+        f"model {plan.model}  (facts: {plan.facts_file})",
+        f"world {plan.nodes} node(s) x {plan.gpus_per_node} GPU(s) = {plan.world_size} ranks",
+        f"parameters: base model {plan.base_params:,} ({plan.base_params / 1e9:.2f} B); with DuDe "
+        f"{plan.total_params:,}; trainable "
+        f"{plan.trainable_params:,} ({100 * plan.trainable_params / plan.total_params:.3f}%); "
+        f"closed form sum r(in+out)+out over {plan.targets} targets = {plan.trainable_closed_form:,}",
+        f"per-GPU memory (ZeRO stage {plan.zero_stage}):",
+    ]
+    for key in ("params", "grads", "optimizer", "optimizer_step", "persistent", "buffers", "gathered", "buckets",
+                "activations", "reserve"):
+        lines.append(f"  {key:15s}{g(getattr(m, key))}")
+    detail = ", ".join(f"{k} {v / GIB:.2f}" for k, v in m.activations_detail.items())
+    lines += [f"    activations: {detail} GiB",
+              f"  {'total':15s}{g(m.total)}  of {g(plan.gpu_memory_bytes)}  -> "
+              f"{'fits' if plan.fits else 'DOES NOT FIT'}"]
+    cmp = plan.all_trainable
+    line = f"all-trainable model states: ours {cmp['ours_model_states'] / GIB:.2f} GiB"
+    if "deepspeed_model_states" in cmp:
+        line += f", DeepSpeed's estimator {cmp['deepspeed_model_states'] / GIB:.2f} GiB (ratio {cmp['ratio']:.3f})"
+    secs = init["seconds_per_rank"]
+    lines += [
+        line,
+        f"init plan ({init['svd']} SVD, {init['svd_gflops']:.1f} Gflop/s {init['svd_gflops_source']}):",
+        f"  layers per rank min/max {min(init['layers_per_rank'])}/{max(init['layers_per_rank'])}; "
+        f"SVD seconds per rank min/max {min(secs):.1f}/{max(secs):.1f}",
+        f"  broadcast factors {init['bytes_broadcast'] / 1e6:.1f} MB vs residuals "
+        f"{init['bytes_residual'] / 1e6:.1f} MB ({100 * init['bytes_broadcast'] / init['bytes_residual']:.2f}%)",
+    ]
+    return "\n".join(lines)

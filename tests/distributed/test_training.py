@@ -1,0 +1,107 @@
+"""The DeepSpeed ZeRO-3 trainer on CPU: 1 vs 2 ranks, checkpointing, resume, TensorBoard, factor cache.
+
+Each run is a real `launch/train.py` process (torchrun for 2 ranks) on the tiny config
+(stories260K on GSM8K, fp32), 30 steps with a checkpoint every 10.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from dude_dist.tracking import read_scalars
+from tests.helpers import step_metrics, summary, train
+
+pytestmark = pytest.mark.slow
+
+STEPS = 30
+COMMON = (f"train.max_steps={STEPS}", "train.save_every=10", "train.keep_last=3")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    out = {}
+    out["single"] = root / "single"
+    train(out["single"], *COMMON)
+    out["two"] = root / "two"
+    train(out["two"], *COMMON, nproc=2, launcher="torchrun")
+    return out
+
+
+def test_two_ranks_match_one_process(runs):
+    one, two = step_metrics(runs["single"]), step_metrics(runs["two"])
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-4 * abs(one[step]), (step, one[step], two[step])
+    g1, g2 = step_metrics(runs["single"], "train/grad_norm"), step_metrics(runs["two"], "train/grad_norm")
+    for step in g1:
+        assert abs(g1[step] - g2[step]) <= 1e-4 * abs(g1[step]), (step, g1[step], g2[step])
+
+
+def test_loss_falls_and_tensorboard_has_every_step(runs):
+    for run_dir in runs.values():
+        scalars = read_scalars(run_dir / "tensorboard")
+        for tag in ("train/loss", "train/grad_norm", "train/lr", "train/tokens_per_s", "train/step_time_s",
+                    "train/memory_bytes"):
+            assert [s for s, _ in scalars[tag]] == list(range(1, STEPS + 1)), tag
+        assert "eval/loss" in scalars and "init/svd_count" in scalars and "init/bytes_broadcast" in scalars
+        losses = [v for _, v in scalars["train/loss"]]
+        first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+        assert last < first - 0.5, f"loss did not fall: first 5 mean {first:.3f}, last 5 mean {last:.3f}"
+        eval_loss = [v for _, v in scalars["eval/loss"]]
+        assert eval_loss[-1] < eval_loss[0], eval_loss
+
+
+def test_checkpoints_hold_only_trainable_state(runs, stories_path):
+    ckpt_root = runs["two"] / "checkpoints"
+    assert (ckpt_root / "latest").read_text().strip() == "step_00000030"
+    assert sorted(p.name for p in ckpt_root.iterdir() if p.is_dir()) == [
+        "step_00000010", "step_00000020", "step_00000030"]
+    trainable = summary(runs["two"])["init"]
+    dude_params = 5 * ((4 * (64 + 64) + 64) + (4 * (64 + 32) + 32))  # q and v per layer, rank 4
+    assert trainable["layers"] == 10
+    size = sum(f.stat().st_size for f in (ckpt_root / "step_00000010").iterdir())
+    frozen_bytes = (stories_path / "model.safetensors").stat().st_size
+    # fp32 master + Adam m, v (+ the bit16 copy) per DuDe parameter, plus pickling overhead.
+    assert size < 8 * 4 * dude_params, f"checkpoint of {size} bytes for {dude_params} DuDe parameters"
+    assert size < frozen_bytes / 4
+
+
+def test_resume_reproduces_losses(runs, tmp_path):
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(runs["single"] / "dude_init", resumed / "dude_init")
+    train(resumed, *COMMON, resume=str(runs["single"] / "checkpoints" / "step_00000010"))
+    base, again = step_metrics(runs["single"]), step_metrics(resumed)
+    assert sorted(again) == list(range(11, STEPS + 1))
+    for step in again:
+        assert abs(base[step] - again[step]) <= 1e-6, (step, base[step], again[step])
+    assert summary(resumed)["start_step"] == 10
+    assert summary(resumed)["init"]["svd_count"] == 0
+
+
+def test_second_start_runs_no_svd(runs, tmp_path):
+    first = summary(runs["single"])["init"]
+    assert first["svd_count"] == 10 and not first["from_cache"]
+    again = tmp_path / "again"
+    shutil.copytree(runs["single"] / "dude_init", again / "dude_init")
+    train(again, "train.max_steps=1", "train.save_every=0", nproc=2, launcher="torchrun")
+    stats = summary(again)["init"]
+    assert stats["svd_count"] == 0 and stats["from_cache"]
+    assert step_metrics(again)[1] == pytest.approx(step_metrics(runs["single"])[1], rel=1e-4)
+    # A changed key (rank) is detected as stale and factorised again.
+    changed = tmp_path / "changed"
+    shutil.copytree(runs["single"] / "dude_init", changed / "dude_init")
+    proc = train(changed, "train.max_steps=1", "train.save_every=0", "adapter.rank=2")
+    assert summary(changed)["init"]["svd_count"] == 10
+    assert "stale" in proc.stderr and "rank" in proc.stderr
+
+
+def test_gradient_checkpointing_same_losses(runs, tmp_path):
+    off = tmp_path / "off"
+    train(off, *COMMON, "train.gradient_checkpointing=false", "train.save_every=0")
+    on_losses, off_losses = step_metrics(runs["single"]), step_metrics(off)
+    for step in on_losses:
+        assert abs(on_losses[step] - off_losses[step]) <= 1e-5, (step, on_losses[step], off_losses[step])

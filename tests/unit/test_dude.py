@@ -1,0 +1,235 @@
+"""DudeLinear (dude_dist/dude.py): gradients, saved-for-backward memory, zero rows, dtypes.
+
+    OMP_NUM_THREADS=1 python -m pytest tests/unit/test_dude.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dude_dist.dude import DudeLinear, row_sq_norm
+from dude_dist.svd_init import factorize
+
+OUT, IN, RANK = 48, 32, 4  # non-square, so an [out, in] tensor is recognisable by its size
+
+
+def make_layer(*, norm_grad: str = "exact", bias: bool = True, seed: int = 0, dtype=torch.float32) -> DudeLinear:
+    """A DuDe layer initialised from a random W0, then moved off its init point so that every
+    term of the gradient (the W_f A^T cross term, a non-unit m/n) is non-trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(OUT, IN, generator=gen) / IN**0.5
+    fac = factorize(w0, RANK, variant="dude")
+    layer = DudeLinear(IN, OUT, RANK, bias=bias, norm_grad=norm_grad)
+    layer.init_dude(w0, fac.lora_a, fac.lora_b)
+    with torch.no_grad():
+        if bias:
+            layer.bias.copy_(torch.randn(OUT, generator=gen))
+        layer.lora_a.add_(0.3 * torch.randn(RANK, IN, generator=gen))
+        layer.lora_b.add_(0.3 * torch.randn(OUT, RANK, generator=gen))
+        layer.magnitude.mul_(1 + 0.2 * torch.randn(OUT, generator=gen))
+    return layer.to(dtype)
+
+
+def reference_forward(layer: DudeLinear, x: torch.Tensor, lora_a, lora_b, magnitude, *, detach_norm: bool):
+    """``y = x W'^T + bias`` with ``W' = m (W_f + B A) / ||W_f + B A||_row`` built as a full matrix."""
+    full = layer.weight + lora_b @ lora_a  # [out, in], materialised on purpose
+    norm = full.norm(dim=1)
+    if detach_norm:
+        norm = norm.detach()
+    merged = magnitude[:, None] * full / norm[:, None]
+    return torch.nn.functional.linear(x, merged, layer.bias)
+
+
+def grads_of(layer: DudeLinear, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    layer.zero_grad(set_to_none=True)
+    (layer(x) * g).sum().backward()
+    return {n: getattr(layer, n).grad.clone() for n in layer.adapter_params()}
+
+
+def reference_grads(layer: DudeLinear, x: torch.Tensor, g: torch.Tensor, *, detach_norm: bool) -> dict[str, torch.Tensor]:
+    params = {n: getattr(layer, n).detach().clone().requires_grad_(True) for n in layer.adapter_params()}
+    y = reference_forward(layer, x, params["lora_a"], params["lora_b"], params["magnitude"], detach_norm=detach_norm)
+    (y * g).sum().backward()
+    return {n: p.grad for n, p in params.items()}
+
+
+def max_diff(a: dict, b: dict) -> dict[str, float]:
+    return {k: (a[k] - b[k]).abs().max().item() for k in a}
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def test_exact_gradients_match_float64_reference_through_the_norm():
+    layer = make_layer(norm_grad="exact").double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, IN, generator=gen, dtype=torch.float64)
+    g = torch.randn(2, 5, OUT, generator=gen, dtype=torch.float64)
+
+    got = grads_of(layer, x, g)
+    want = reference_grads(layer, x, g, detach_norm=False)
+    diffs = max_diff(got, want)
+    assert all(d <= 1e-8 for d in diffs.values()), f"exact-mode gradient max |diff| vs float64 reference: {diffs}"
+    # The comparison means something only if the gradients are not tiny themselves.
+    assert all(want[k].abs().max() > 1e-2 for k in want)
+
+    with torch.no_grad():
+        y_ref = reference_forward(layer, x, layer.lora_a, layer.lora_b, layer.magnitude, detach_norm=False)
+        assert (layer(x) - y_ref).abs().max().item() <= 1e-12
+
+
+def test_detach_gradients_match_detached_reference_and_differ_from_exact():
+    layer = make_layer(norm_grad="detach").double()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(7, IN, generator=gen, dtype=torch.float64)
+    g = torch.randn(7, OUT, generator=gen, dtype=torch.float64)
+
+    got = grads_of(layer, x, g)
+    detached = reference_grads(layer, x, g, detach_norm=True)
+    exact = reference_grads(layer, x, g, detach_norm=False)
+    diffs = max_diff(got, detached)
+    assert all(d <= 1e-8 for d in diffs.values()), f"detach-mode gradient max |diff| vs detached reference: {diffs}"
+    # Dropping d n / d(A, B) changes the A and B gradients by far more than rounding.
+    gap = max_diff(got, exact)
+    assert gap["lora_a"] > 1e-3 and gap["lora_b"] > 1e-3, f"detach vs exact gradient gap too small: {gap}"
+    # The magnitude enters only through m / n, so its gradient is the same in both modes.
+    assert gap["magnitude"] <= 1e-8
+
+
+def test_unknown_norm_grad_and_bad_rank_are_rejected():
+    with pytest.raises(ValueError, match="norm_grad"):
+        DudeLinear(4, 4, 2, norm_grad="approx")
+    with pytest.raises(ValueError, match="rank"):
+        DudeLinear(4, 4, 0)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def saved_big_tensors(module: nn.Module, fn) -> list[tuple[int, ...]]:
+    """Shapes of the tensors of at least ``OUT * IN`` elements that autograd saves while ``fn``
+    runs, other than the module's own parameters (which exist whether saved or not)."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    big = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in param_ptrs and t.numel() >= OUT * IN:
+            big.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return big
+
+
+class MaterialisingDude(nn.Module):
+    """The PEFT-DoRA way: build ``W_f + B A`` every forward (what DudeLinear must not do)."""
+
+    def __init__(self, layer: DudeLinear) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        lay = self.layer
+        return reference_forward(lay, x, lay.lora_a, lay.lora_b, lay.magnitude, detach_norm=lay.norm_grad == "detach")
+
+
+@pytest.mark.parametrize("norm_grad", ["exact", "detach"])
+def test_no_out_by_in_tensor_is_saved_for_backward(norm_grad):
+    layer = make_layer(norm_grad=norm_grad)
+    x = torch.randn(2, 3, IN, requires_grad=True)  # 6 tokens * IN << OUT * IN
+
+    def step(module):
+        return lambda: module(x).square().sum().backward()
+
+    assert saved_big_tensors(layer, step(layer)) == []
+    assert layer.lora_a.grad is not None and layer.magnitude.grad is not None
+    # The same check catches an implementation that materialises W_f + B A.
+    caught = saved_big_tensors(layer, step(MaterialisingDude(layer)))
+    assert (OUT, IN) in caught, f"the check failed to see the reference's [out, in] tensors: {caught}"
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+@pytest.mark.parametrize("norm_grad", ["exact", "detach"])
+@pytest.mark.parametrize("zero_magnitude", [True, False])
+def test_zero_norm_row_gives_finite_forward_and_backward(norm_grad, zero_magnitude):
+    layer = make_layer(norm_grad=norm_grad)
+    row = 5
+    with torch.no_grad():
+        layer.weight[row] = 0
+        layer.weight_sq_norm.copy_(row_sq_norm(layer.weight))
+        layer.lora_b[row] = 0
+        if zero_magnitude:
+            layer.magnitude[row] = 0
+    assert layer.row_norm()[row].item() <= 1e-5  # the row really has (clamped) zero norm
+    x = torch.randn(4, IN, requires_grad=True)
+    y = layer(x)
+    assert torch.isfinite(y).all()
+    # A zero direction contributes nothing: that output is the bias alone.
+    torch.testing.assert_close(y[:, row], layer.bias[row].expand(4), rtol=0, atol=1e-6)
+    y.square().sum().backward()
+    for name in [*layer.adapter_params()]:
+        assert torch.isfinite(getattr(layer, name).grad).all(), name
+    assert torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        assert torch.isfinite(layer.merged_weight()).all()
+
+
+def test_bfloat16_module_keeps_squared_norms_in_float32():
+    layer = make_layer()
+    sq32 = layer.weight_sq_norm.clone()
+    x = torch.randn(3, IN)
+    y32 = layer(x).detach()
+
+    layer.bfloat16()
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_a.dtype == torch.bfloat16
+    assert layer.weight_sq_norm.dtype == torch.float32
+    assert torch.equal(layer.weight_sq_norm, sq32)  # not a bf16 round trip
+    assert layer.row_norm().dtype == torch.float32
+    y16 = layer(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    rel = ((y16.float() - y32).abs().max() / y32.abs().max()).item()
+    assert rel < 2e-2, f"bf16 output off by {rel:.3g} relative"
+    y16.float().sum().backward()
+    assert layer.lora_a.grad.dtype == torch.bfloat16 and torch.isfinite(layer.lora_a.grad).all()
+
+    # Back to float32 via a model-wide cast, as `model.to(dtype)` does.
+    wrapper = nn.Sequential(layer).to(torch.float32)
+    assert wrapper[0].weight_sq_norm.dtype == torch.float32
+    assert "weight_sq_norm" not in layer.state_dict()  # derived, not saved
+
+
+def test_row_norm_stays_float32_under_autocast():
+    layer = make_layer()
+    x = torch.randn(5, IN)
+    with torch.no_grad():
+        want = layer.row_norm()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer.row_norm()
+            y = layer(x)
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max().item() <= 1e-6 * want.max().item()  # bf16 would be ~2e-3
+    assert torch.isfinite(y).all()
+
+
+def test_double_rebuilds_squared_norms_from_the_weight():
+    layer = make_layer().double()
+    assert layer.weight_sq_norm.dtype == torch.float64
+    want = layer.weight.pow(2).sum(dim=1)
+    assert (layer.weight_sq_norm - want).abs().max().item() <= 1e-12
+
+
+def test_init_dude_makes_merged_weight_equal_w0():
+    gen = torch.Generator().manual_seed(3)
+    w0 = torch.randn(OUT, IN, generator=gen)
+    fac = factorize(w0, RANK, variant="dude_b")
+    layer = DudeLinear(IN, OUT, RANK)
+    layer.init_dude(w0, fac.lora_a, fac.lora_b)
+    assert (layer.merged_weight() - w0).abs().max().item() <= 1e-5 * w0.abs().max().item()
+    assert torch.equal(layer.lora_a, fac.lora_a) and torch.equal(layer.lora_b, fac.lora_b)
+    # The residual is what the top-r components leave: orthogonal to B A's row space.
+    assert (layer.weight @ fac.lora_a.T).abs().max().item() <= 1e-4
