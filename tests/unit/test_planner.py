@@ -1,0 +1,175 @@
+"""dude_dist/planner.py and launch/plan.py: parameter counts, ZeRO-3 memory, init plan, CLI."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dude_dist.config import DudeConfig, load_config
+from dude_dist.planner import (
+    PlanError,
+    activation_bytes,
+    build_meta_model,
+    count_parameters,
+    deepspeed_estimate,
+    find_model_facts,
+    inject_dude_shells,
+    largest_module,
+    load_model_facts,
+    model_facts_name,
+    plan_run,
+    trainable_closed_form,
+    zero_model_states,
+)
+from dude_dist.sharded_init import plan_init
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "configs" / "models"
+
+# Published totals (Hugging Face model pages / safetensors metadata), base model without DuDe.
+PUBLISHED_TOTALS = {
+    "Qwen/Qwen2.5-32B": 32.76e9,
+    "meta-llama/Llama-2-70b-hf": 68.98e9,
+    "meta-llama/Llama-3.1-70B": 70.55e9,
+    "Qwen/Qwen2.5-7B": 7.62e9,
+    "mistralai/Mistral-7B-v0.1": 7.24e9,
+    "microsoft/phi-4": 14.66e9,
+}
+ADAPTERS = {"microsoft/phi-4": DudeConfig(targets=("qkv_proj",))}  # fused q/k/v in Phi-3/Phi-4
+
+
+@functools.cache
+def built(name: str):
+    """``(facts, base_total, model_with_dude_shells, shapes)``, built once per test session."""
+    facts = load_model_facts(find_model_facts(name, models_dirs=[MODELS]))
+    model = build_meta_model(facts)
+    base_total, _ = count_parameters(model)
+    shapes = inject_dude_shells(model, ADAPTERS.get(name, DudeConfig()))
+    return facts, base_total, model, shapes
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_TOTALS))
+def test_total_parameters_match_the_published_count(name):
+    _, total, _, _ = built(name)
+    assert total == pytest.approx(PUBLISHED_TOTALS[name], rel=0.005), f"{name}: {total:,}"
+
+
+@pytest.mark.parametrize("name, expected", [
+    # 64 x (16*(5120+5120)+5120  +  16*(5120+1024)+1024)
+    ("Qwen/Qwen2.5-32B", 17_170_432),
+    # 80 x (16*(8192+8192)+8192  +  16*(8192+1024)+1024)
+    ("meta-llama/Llama-2-70b-hf", 33_505_280),
+    # 40 x (16*(5120+7680)+7680): one fused qkv_proj per layer
+    ("microsoft/phi-4", 8_499_200),
+])
+def test_trainable_equals_closed_form_and_requires_grad_count(name, expected):
+    _, base_total, model, shapes = built(name)
+    total, trainable = count_parameters(model)
+    assert trainable_closed_form(shapes, 16) == expected
+    assert trainable == expected
+    assert total == base_total + expected  # the shells add A, B, m and nothing else
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(n.rsplit(".", 1)[1] in ("lora_a", "lora_b", "magnitude") for n in trained)
+
+
+@pytest.mark.parametrize("name", ["Qwen/Qwen2.5-32B", "meta-llama/Llama-2-70b-hf"])
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_all_trainable_model_states_agree_with_deepspeed_estimator(name, nodes):
+    _, _, model, _ = built(name)
+    total, _ = count_parameters(model)
+    largest, _ = largest_module(model)
+    ours = sum(zero_model_states(total, total, largest, largest, nodes * 8).values())
+    theirs = deepspeed_estimate(total, largest, num_gpus_per_node=8, num_nodes=nodes)
+    assert ours == pytest.approx(theirs, rel=0.10), f"ours {ours / 2**30:.2f} GiB vs DeepSpeed {theirs / 2**30:.2f} GiB"
+
+
+def test_dude_model_states_are_almost_only_the_partitioned_weights():
+    _, _, model, _ = built("Qwen/Qwen2.5-32B")
+    total, trainable = count_parameters(model)
+    largest, largest_trainable = largest_module(model)
+    states = zero_model_states(total, trainable, largest, largest_trainable, 8)
+    assert states["params"] == 2 * -(-total // 8)
+    assert states["grads"] == 2 * -(-trainable // 8)
+    assert states["optimizer"] == 12 * -(-trainable // 8)
+    assert largest_trainable == 0  # the largest module is an embedding, frozen
+    assert states["grads"] + states["optimizer"] + states["optimizer_step"] < 0.01 * states["params"]
+
+
+def test_plan_for_equal_layers_splits_evenly():
+    plan = plan_init({f"layers.{i}.q_proj": (64, 64) for i in range(8)}, 2, DudeConfig())
+    assert [len(plan.layers_of(r)) for r in range(2)] == [4, 4]
+    assert plan.load[0] == plan.load[1]
+
+
+def test_activations_scale_with_tokens_and_checkpointing_saves_memory():
+    facts, _, _, _ = built("Qwen/Qwen2.5-7B")
+    one = activation_bytes(facts, 1, 512, 2, 1000)
+    two = activation_bytes(facts, 2, 512, 2, 1000)
+    assert {k: 2 * v for k, v in one.items()} == two
+    assert one["checkpoints"] == 28 * 512 * 3584 * 2
+    assert one["logits"] == 512 * 152064 * 10
+    full = activation_bytes(facts, 1, 512, 2, 1000, gradient_checkpointing=False)
+    assert full["recompute_layer"] == 28 * one["recompute_layer"] > sum(one.values())
+
+
+def test_model_fact_files_are_named_after_their_model():
+    files = sorted(MODELS.glob("*.json"))
+    assert len(files) >= len(PUBLISHED_TOTALS)
+    for path in files:
+        assert model_facts_name(json.loads(path.read_text())["_name_or_path"]) == path.name
+
+
+def test_unknown_model_is_an_error_naming_where_it_looked(tmp_path):
+    with pytest.raises(PlanError, match=r"org--no-such-model\.json"):
+        find_model_facts("org/no-such-model", models_dirs=[tmp_path])
+
+
+def test_plan_of_a_local_model_fits_or_not_by_gpu_memory(stories_path):
+    cfg = load_config(None, [f"model.name_or_path={stories_path}", "model.dtype=float32",
+                             "adapter.rank=4", "data.max_seq_len=128"])
+    roomy = plan_run(cfg, 1, 2, gpu_memory_gb=80, compare_deepspeed=False)
+    assert roomy.facts_file == str(stories_path / "config.json")
+    assert roomy.fits is True
+    assert roomy.trainable_params == roomy.trainable_closed_form > 0
+    assert roomy.init["svd_gflops_source"].startswith("measured") and roomy.init["svd_gflops"] > 0
+    tiny = plan_run(cfg, 1, 2, gpu_memory_gb=0.001, svd_gflops=1.0, compare_deepspeed=False)
+    assert tiny.fits is False
+    assert tiny.memory.total == roomy.memory.total
+
+
+def test_plan_cli_prints_json_with_expected_keys():
+    cmd = [sys.executable, "launch/plan.py", "--config", "configs/qwen32b.yaml", "--nodes", "4",
+           "--gpus-per-node", "8", "--svd-gflops", "20000", "--json"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    for key in ("model", "world_size", "base_params", "total_params", "trainable_params",
+                "trainable_closed_form", "memory", "init", "all_trainable", "gpu_memory_bytes", "fits"):
+        assert key in plan, key
+    assert isinstance(plan["fits"], bool) and plan["fits"]
+    assert plan["world_size"] == 32 and plan["trainable_params"] == plan["trainable_closed_form"] == 17_170_432
+    for key in ("params", "grads", "optimizer", "activations", "total"):
+        assert plan["memory"][key] > 0, key
+    assert plan["memory"]["total"] <= plan["gpu_memory_bytes"]
+    init = plan["init"]
+    assert len(init["layers_per_rank"]) == 32 and sum(init["layers_per_rank"]) == 128
+    assert init["seconds_per_rank"] == pytest.approx([f / 20000e9 for f in init["flops_per_rank"]])
+    assert init["bytes_broadcast"] == 4 * 17_170_432
+    assert init["bytes_residual"] == 2 * 64 * (5120 * 5120 + 1024 * 5120)
+    assert plan["all_trainable"]["ratio"] == pytest.approx(1.0, abs=0.1)
+
+
+def test_plan_cli_reports_a_missing_model_and_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name_or_path: org/no-such-model\n")
+    spec = importlib.util.spec_from_file_location("plan_cli", ROOT / "launch" / "plan.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--config", str(bad), "--no-deepspeed"]) == 2
+    assert "org--no-such-model.json" in capsys.readouterr().err
