@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 venv: $(STAMP)
 
 demo: venv
-	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 launch/demo.py --config configs/demo_cpu.yaml
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --config configs/demo_cpu.yaml --resume none
 
 test: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests $(PYTEST_ARGS)

@@ -63,10 +63,12 @@ def step_tag(step: int) -> str:
 
 
 def save_checkpoint(engine, root: str | Path, step: int, meta: dict, rank: int, keep_last: int,
-                    fail_after_files: bool = False) -> Path:
+                    write_extra=None, fail_after_files: bool = False) -> Path:
     """Save trainable parameters, optimizer, scheduler, RNG and ``meta`` (data position, config key).
 
-    Every rank must call this. Returns the final directory.
+    ``write_extra(directory)`` is called on every rank before the checkpoint is committed
+    (the trainer writes the DuDe tensors as safetensors there). Every rank must call this.
+    Returns the final directory.
     """
     root = Path(root)
     tag = step_tag(step)
@@ -78,6 +80,8 @@ def save_checkpoint(engine, root: str | Path, step: int, meta: dict, rank: int, 
     _barrier()
     engine.save_checkpoint(str(root), tag=tag + PARTIAL, save_latest=False, exclude_frozen_parameters=True)
     torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
+    if write_extra is not None:
+        write_extra(partial)
     _barrier()
     if fail_after_files:  # fault injection for tests: die between the files and the commit
         os._exit(17)

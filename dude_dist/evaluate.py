@@ -189,7 +189,7 @@ def generate(
     """
     pad_id = ensure_pad_token(tokenizer)
     eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                               pad_token_id=pad_id, eos_token_id=eos)
     device = next(model.parameters()).device
     was_training, padding_side = model.training, tokenizer.padding_side

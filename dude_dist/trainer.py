@@ -288,8 +288,12 @@ class Trainer:
         meta = {"fingerprint": self._fingerprint(), "samples_seen": step * self.layout.global_batch_size,
                 "config": config_to_dict(self.cfg), "world_size": self.world}
         fail = os.environ.get("DUDE_FAULT_CKPT_CRASH") == str(step)
-        ckpt_lib.save_checkpoint(self.engine, self.ckpt_root, step, meta, self.rank, self.cfg.train.keep_last,
-                                 fail_after_files=fail)
+        from dude_dist.export import DUDE_PARAMS_FILE, save_dude_params
+
+        ckpt_lib.save_checkpoint(
+            self.engine, self.ckpt_root, step, meta, self.rank, self.cfg.train.keep_last,
+            write_extra=lambda d: save_dude_params(self.engine.module, d / DUDE_PARAMS_FILE, self.rank),
+            fail_after_files=fail)
 
     def _on_sigterm(self, signum, frame) -> None:
         logger.warning("SIGTERM received: will checkpoint at the next step boundary and exit")

@@ -1,0 +1,51 @@
+"""Export a trained DuDe run as a plain Hugging Face model (W' folded into Linear weights).
+
+    python launch/export.py --config configs/tiny_cpu.yaml --checkpoint auto --out exported/
+    deepspeed --num_gpus 8 launch/export.py --config configs/llama70b.yaml --checkpoint auto --out DIR
+
+--checkpoint auto takes the newest complete checkpoint under output_dir. With several
+ranks and ZeRO-3 the base model stays partitioned and is gathered one layer at a time.
+The result loads with plain `transformers`, no dude_dist needed.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--checkpoint", default="auto", help="checkpoint directory, or auto (newest under output_dir)")
+    p.add_argument("--out", required=True, help="folder for the merged model")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    from dude_dist.checkpoint import find_resume
+    from dude_dist.config import ConfigError, load_config
+    from dude_dist.distributed import init_distributed
+    from dude_dist.export import export_merged, rebuild_model
+    from dude_dist.models import load_tokenizer
+    from dude_dist.tracking import setup_logging
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ckpt = find_resume(Path(cfg.output_dir) / "checkpoints") if args.checkpoint == "auto" else Path(args.checkpoint)
+    if ckpt is None:
+        print(f"error: no complete checkpoint under {cfg.output_dir}/checkpoints", file=sys.stderr)
+        return 2
+    env = init_distributed(cfg.deepspeed.backend, cfg.deepspeed.timeout_s)
+    setup_logging(env.rank)
+    model = rebuild_model(cfg, ckpt, env.world_size)
+    export_merged(model, load_tokenizer(cfg.model), args.out, env.rank)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Merged export from a 2-rank ZeRO-3 run: a plain Hugging Face folder with the training model's logits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dude_dist.checkpoint import find_resume
+from dude_dist.config import load_config
+from dude_dist.export import rebuild_model
+from tests.helpers import ROOT, launcher_cmd, proc_env, run, summary, train
+
+pytestmark = pytest.mark.slow
+
+PLAIN_LOAD = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+ids = torch.tensor(json.loads(sys.argv[2]))
+with torch.no_grad():
+    logits = model(input_ids=ids).logits
+torch.save(logits, sys.argv[3])
+assert not any(m.startswith("dude_dist") for m in sys.modules), "dude_dist was imported"
+print(type(model).__name__, sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__}))
+"""
+
+
+def test_export_from_two_rank_zero3_run(tmp_path):
+    out = tmp_path / "run"
+    overrides = ("train.max_steps=6", "train.save_every=0")
+    train(out, *overrides, nproc=2, launcher="torchrun")
+    exported = tmp_path / "exported"
+    run(launcher_cmd(2) + ["launch/export.py", "--config", "configs/tiny_cpu.yaml", "--set", f"output_dir={out}",
+                           "--checkpoint", "auto", "--out", str(exported)], timeout=300)
+    files = sorted(p.name for p in exported.iterdir())
+    assert "model.safetensors" in files and "config.json" in files and "tokenizer.json" in files, files
+
+    ids = [[1, 45, 67, 89, 12, 300, 250, 7], [1, 400, 3, 99, 101, 102, 103, 104]]
+    logits_file = tmp_path / "plain_logits.pt"
+    proc = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(exported), json.dumps(ids), str(logits_file)],
+                          cwd=tmp_path, env=proc_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "LlamaForCausalLM" in proc.stdout and "DudeLinear" not in proc.stdout
+    plain = torch.load(logits_file, weights_only=True)
+
+    # The training model, rebuilt from the base weights + factor cache + the checkpoint's DuDe tensors.
+    cfg = load_config(ROOT / "configs/tiny_cpu.yaml", [f"output_dir={out}", *overrides])
+    model = rebuild_model(cfg, find_resume(out / "checkpoints"))
+    with torch.no_grad():
+        dude_logits = model(input_ids=torch.tensor(ids)).logits
+    assert (plain - dude_logits).abs().max().item() <= 1e-4
+
+    # ... and it is the model the 2-rank engine trained: the same held-out loss.
+    from dude_dist.data import build_datasets
+    from dude_dist.evaluate import eval_loss
+    from dude_dist.models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    data = build_datasets(cfg.data, tokenizer)
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
+    loss = eval_loss(merged, data.eval, tokenizer.pad_token_id, batch_size=4)["loss"]
+    assert loss == pytest.approx(summary(out)["eval_loss_end"], rel=1e-4)
