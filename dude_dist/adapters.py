@@ -8,7 +8,7 @@ import re
 import torch
 from torch import nn
 
-from dude_dist.config import DudeConfig
+from dude_dist.config import ConfigError, DudeConfig
 from dude_dist.dude import DudeLinear
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def find_targets(model: nn.Module, cfg: DudeConfig) -> list[str]:
             names.append(name)
     if not names:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(
+        raise ConfigError(
             f"adapter.targets {list(cfg.targets)} match no nn.Linear in {type(model).__name__}; "
             f"Linear module names there: {', '.join(suffixes) or '(none)'} "
             "(use a name suffix such as 'q_proj', or 're:<regex>' on the full module name)"
@@ -45,7 +45,7 @@ def find_targets(model: nn.Module, cfg: DudeConfig) -> list[str]:
     for name in names:
         out_features, in_features = _linear_shape(model.get_submodule(name))
         if cfg.rank > min(out_features, in_features):
-            raise ValueError(
+            raise ConfigError(
                 f"adapter.rank {cfg.rank} is larger than min(out, in) = {min(out_features, in_features)} "
                 f"of layer {name!r} (shape [{out_features}, {in_features}]); use rank <= "
                 f"{min(out_features, in_features)} or leave this layer out of adapter.targets"

@@ -28,7 +28,14 @@ FORMATS = ("gsm8k", "metamathqa", "commonsense", "alpaca", "chat")
 GSM8K_PROMPT_FORMATS = ("gsm8k", "metamathqa", "commonsense", "alpaca")
 
 
-class ConfigError(ValueError):
+class DudeError(Exception):
+    """Base of the errors a user can act on (bad config, data, model path, checkpoint).
+
+    Entry points print these as one line and exit non-zero, without a traceback.
+    """
+
+
+class ConfigError(DudeError, ValueError):
     """A configuration value that cannot be used; the message says where it came from."""
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from dude_dist.config import DataConfig
+from dude_dist.config import DataConfig, DudeError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ IGNORE_INDEX = -100
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(DudeError, ValueError):
     """Data that cannot be used; the message names the source (file:line, field, config key)."""
 
 

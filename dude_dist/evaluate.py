@@ -338,3 +338,82 @@ def eval_loss(model: Any, dataset: Sequence[dict], pad_token_id: int, batch_size
         raise ValueError("eval_loss: the dataset has no labelled tokens")
     loss = total / tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+
+
+def evaluate_run(cfg: Any, *, checkpoint: str | None = "auto", merged: str | None = None,
+                 out: Path | None = None) -> dict:
+    """Evaluate a checkpoint (base + factor cache + DuDe tensors) or a merged export.
+
+    Every rank runs the same items (under ZeRO-3 with several ranks generation is kept in
+    step with ``synced_gpus``); rank 0 writes ``out`` and ``eval/*`` TensorBoard scalars.
+
+    Raises:
+        FileNotFoundError: no complete checkpoint, or the merged folder is missing.
+    """
+    import json
+
+    from dude_dist.checkpoint import find_resume, read_meta, write_text_atomic
+    from dude_dist.data import build_datasets
+    from dude_dist.distributed import init_distributed
+    from dude_dist.models import load_tokenizer
+    from dude_dist.tracking import Tracker, setup_logging
+
+    env = init_distributed(cfg.deepspeed.backend, cfg.deepspeed.timeout_s)
+    setup_logging(env.rank)
+    step = 0
+    synced = False
+    if merged:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not Path(merged, "config.json").is_file():
+            raise FileNotFoundError(f"--merged {merged}: no config.json there (a folder from launch/export.py)")
+        model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32 if cfg.model.dtype == "float32"
+                                                     else getattr(torch, cfg.model.dtype))
+        tokenizer = AutoTokenizer.from_pretrained(merged)
+        ensure_pad_token(tokenizer)
+        source = str(merged)
+    else:
+        from dude_dist.export import rebuild_model
+
+        root = Path(cfg.output_dir) / "checkpoints"
+        ckpt = find_resume(root) if checkpoint in (None, "auto") else Path(checkpoint)
+        if ckpt is None:
+            raise FileNotFoundError(f"no complete checkpoint under {root}")
+        step = int(read_meta(ckpt)["step"])
+        model = rebuild_model(cfg, ckpt, env.world_size)
+        tokenizer = load_tokenizer(cfg.model)
+        if env.world_size > 1 and cfg.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            from dude_dist.config import batch_layout
+            from dude_dist.zero import build_ds_config
+
+            ds_config = build_ds_config(cfg, batch_layout(cfg.train, env.world_size))
+            model = deepspeed.initialize(model=model, config=ds_config)[0].module
+            synced = True
+        source = str(ckpt)
+    device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
+    if not synced:
+        model.to(device)
+    results: dict = {"source": source, "tasks": run_eval(model, tokenizer, cfg.eval, synced_gpus=synced)}
+    if cfg.data.eval_sources:
+        data = build_datasets(cfg.data, tokenizer)
+        if data.eval is not None:
+            results["loss"] = eval_loss(model, data.eval, tokenizer.pad_token_id, cfg.eval.batch_size)
+    if env.rank == 0:
+        out = out or Path(cfg.output_dir) / "eval_cli.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, json.dumps(results, indent=1))
+        tracker = Tracker(cfg.output_dir, env.rank)
+        scalars = {f"eval/{task}_accuracy": res["accuracy"] for task, res in results["tasks"].items()}
+        if "loss" in results:
+            scalars["eval/loss"] = results["loss"]["loss"]
+        tracker.log(step, scalars)
+        tracker.close()
+        for task, res in results["tasks"].items():
+            logger.info("%s: accuracy %.4f (%d/%d) from %s", task, res["accuracy"], res["correct"], res["n"], source)
+        if "loss" in results:
+            logger.info("held-out loss %.4f (perplexity %.3f)", results["loss"]["loss"], results["loss"]["perplexity"])
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return results

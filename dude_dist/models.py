@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from dude_dist.config import ModelConfig
+from dude_dist.config import DudeError, ModelConfig
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(DudeError, ValueError):
     """The configured model cannot be loaded; the message says which key and why."""
 
 
@@ -66,9 +66,9 @@ def load_tokenizer(cfg: ModelConfig):
         tokenizer = AutoTokenizer.from_pretrained(path, **_common_kwargs(cfg))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model.name_or_path {cfg.name_or_path!r}: cannot load a tokenizer: {exc}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
-        logger.info("tokenizer has no pad token; padding with %r", tokenizer.pad_token)
+    from dude_dist.data import ensure_pad_token
+
+    ensure_pad_token(tokenizer)
     return tokenizer
 
 

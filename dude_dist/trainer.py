@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from dude_dist import checkpoint as ckpt_lib
 from dude_dist.adapters import get_dude_layers, inject_and_init
-from dude_dist.config import RunConfig, batch_layout, config_to_dict
+from dude_dist.config import DudeError, RunConfig, batch_layout, config_to_dict
 from dude_dist.distributed import DistEnv, init_distributed
 from dude_dist.models import load_model, load_tokenizer
 from dude_dist.sampler import StepSampler
@@ -40,7 +40,7 @@ RESUME_KEYS = ("model.name_or_path", "model.revision", "model.gguf_file", "adapt
                "adapter.variant", "adapter.svd", "adapter.seed")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(DudeError, RuntimeError):
     """The run cannot go on; the message says why and what was kept."""
 
 
@@ -49,6 +49,24 @@ def _lookup(cfg_dict: dict, dotted: str):
     for part in dotted.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node
+
+
+RUN_OUTPUTS = ("metrics.jsonl", "tensorboard", "checkpoints", "summary.json", "eval_start.json", "eval_end.json")
+
+
+def archive_previous_run(output_dir: Path) -> None:
+    """Move a previous run's outputs aside (never delete) before starting again at step 0.
+
+    The factor cache (``dude_init``) stays: it is keyed, and reused only if it matches.
+    """
+    present = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    if not present:
+        return
+    dest = output_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in present:
+        os.replace(output_dir / name, dest / name)
+    logger.warning("output_dir held an earlier run; moved %s to %s", ", ".join(present), dest)
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -116,12 +134,19 @@ class Trainer:
                     len(self.train_set), self.total_steps, self.layout.global_batch_size,
                     self.layout.micro_batch_size, self.layout.grad_accum, self.world)
 
+        self.ckpt_root = self.output_dir / "checkpoints"
+        resume_from = self._find_resume(resume, force_resume)
+        if resume_from is None and self.rank == 0:
+            archive_previous_run(self.output_dir)
+        self._barrier()
         self.engine = self._build_engine()
         self.tracker = Tracker(self.output_dir, self.rank)
         self.tracker.log(0, self.init_scalars)
         self.start_step = 0
-        self.ckpt_root = self.output_dir / "checkpoints"
-        self._resume(resume, force_resume)
+        if resume_from is not None:
+            ckpt_lib.load_checkpoint(self.engine, resume_from, self.rank)
+            self.start_step = int(ckpt_lib.read_meta(resume_from)["step"])
+            logger.info("resumed from %s at step %d", resume_from, self.start_step)
         self._stop_requested = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self.startup_seconds = time.perf_counter() - t_start
@@ -175,12 +200,13 @@ class Trainer:
         cfg_dict = config_to_dict(self.cfg)
         return {k: _lookup(cfg_dict, k) for k in RESUME_KEYS}
 
-    def _resume(self, resume: str, force: bool) -> None:
+    def _find_resume(self, resume: str, force: bool) -> Path | None:
+        """The checkpoint to continue from (None: start at step 0), checked against this config."""
         if resume == "none":
-            return
+            return None
         ckpt = ckpt_lib.find_resume(self.ckpt_root) if resume == "auto" else Path(resume)
         if ckpt is None:
-            return
+            return None
         if not (ckpt / ckpt_lib.META).is_file():
             raise TrainingError(f"--resume {resume}: {ckpt} is not a complete checkpoint (no {ckpt_lib.META})")
         meta = ckpt_lib.read_meta(ckpt)
@@ -190,9 +216,7 @@ class Trainer:
         if differ and not force:
             detail = "; ".join(f"{k}: checkpoint {saved[k]!r} vs config {now[k]!r}" for k in differ)
             raise TrainingError(f"refusing to resume from {ckpt}: {detail} (pass --force-resume to override)")
-        ckpt_lib.load_checkpoint(self.engine, ckpt, self.rank)
-        self.start_step = int(meta["step"])
-        logger.info("resumed from %s at step %d", ckpt, self.start_step)
+        return ckpt
 
     # ------------------------------------------------------------------ loop pieces
 

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from dude_dist.checkpoint import find_resume
-    from dude_dist.config import ConfigError, load_config
+    from dude_dist.config import DudeError, load_config
     from dude_dist.distributed import init_distributed
     from dude_dist.export import export_merged, rebuild_model
     from dude_dist.models import load_tokenizer
@@ -33,17 +33,17 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as exc:
+        root = Path(cfg.output_dir) / "checkpoints"
+        ckpt = find_resume(root) if args.checkpoint == "auto" else Path(args.checkpoint)
+        if ckpt is None:
+            raise FileNotFoundError(f"no complete checkpoint under {root}")
+        env = init_distributed(cfg.deepspeed.backend, cfg.deepspeed.timeout_s)
+        setup_logging(env.rank)
+        model = rebuild_model(cfg, ckpt, env.world_size)
+        export_merged(model, load_tokenizer(cfg.model), args.out, env.rank)
+    except (DudeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    ckpt = find_resume(Path(cfg.output_dir) / "checkpoints") if args.checkpoint == "auto" else Path(args.checkpoint)
-    if ckpt is None:
-        print(f"error: no complete checkpoint under {cfg.output_dir}/checkpoints", file=sys.stderr)
-        return 2
-    env = init_distributed(cfg.deepspeed.backend, cfg.deepspeed.timeout_s)
-    setup_logging(env.rank)
-    model = rebuild_model(cfg, ckpt, env.world_size)
-    export_merged(model, load_tokenizer(cfg.model), args.out, env.rank)
     return 0
 
 

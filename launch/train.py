@@ -30,16 +30,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dude_dist.config import ConfigError, load_config
+    from dude_dist.config import DudeError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as exc:
+        from dude_dist.trainer import main as train
+
+        train(cfg, resume=args.resume, force_resume=args.force_resume)
+    except (DudeError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from dude_dist.trainer import main as train
-
-    train(cfg, resume=args.resume, force_resume=args.force_resume)
     return 0
 
 

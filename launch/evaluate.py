@@ -1,0 +1,45 @@
+"""Evaluate a trained DuDe run (checkpoint + factor cache) or a merged export.
+
+    python launch/evaluate.py --config configs/tiny_cpu.yaml --checkpoint auto
+    python launch/evaluate.py --config configs/tiny_cpu.yaml --merged exported/ --set eval.limit=50
+    deepspeed --num_gpus 8 launch/evaluate.py --config configs/qwen32b.yaml --checkpoint auto
+
+Runs the tasks of the config's eval section (GSM8K accuracy, commonsense accuracy) and the
+held-out loss of data.eval_sources; writes JSON (default <output_dir>/eval_cli.json) and
+eval/* scalars to <output_dir>/tensorboard.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", default="auto", help="checkpoint directory, or auto (newest under output_dir)")
+    source.add_argument("--merged", help="a merged Hugging Face folder written by launch/export.py")
+    p.add_argument("--out", help="results JSON (default: <output_dir>/eval_cli.json)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    from dude_dist.config import DudeError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from dude_dist.evaluate import evaluate_run
+
+        out = Path(args.out) if args.out else Path(cfg.output_dir) / "eval_cli.json"
+        evaluate_run(cfg, checkpoint=None if args.merged else args.checkpoint, merged=args.merged, out=out)
+    except (DudeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

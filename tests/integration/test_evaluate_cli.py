@@ -1,0 +1,44 @@
+"""launch/evaluate.py on a checkpoint and on its merged export: same completions, same loss."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dude_dist.tracking import read_scalars
+from tests.helpers import launcher_cmd, run, train
+
+pytestmark = pytest.mark.slow
+
+
+def test_checkpoint_and_merged_export_evaluate_alike(tmp_path):
+    out = tmp_path / "run"
+    sets = ["train.max_steps=4", "train.save_every=0", "eval.limit=4", "eval.max_new_tokens=12",
+            "eval.tasks=[gsm8k, boolq]"]
+    train(out, *sets)
+    base = ["launch/evaluate.py", "--config", "configs/tiny_cpu.yaml", "--set", f"output_dir={out}"]
+    for item in sets:
+        base += ["--set", item]
+    run(launcher_cmd(1, "python") + base + ["--checkpoint", "auto", "--out", str(tmp_path / "ckpt.json")])
+    exported = tmp_path / "exported"
+    run(launcher_cmd(1, "python") + ["launch/export.py", "--config", "configs/tiny_cpu.yaml", "--set",
+                                     f"output_dir={out}", "--out", str(exported)])
+    run(launcher_cmd(1, "python") + base + ["--merged", str(exported), "--out", str(tmp_path / "merged.json")])
+    a = json.loads((tmp_path / "ckpt.json").read_text())
+    b = json.loads((tmp_path / "merged.json").read_text())
+    assert set(a["tasks"]) == {"gsm8k", "boolq"}
+    for task in a["tasks"]:
+        ra, rb = a["tasks"][task], b["tasks"][task]
+        assert ra["n"] == 4 and 0.0 <= ra["accuracy"] <= 1.0
+        assert [r["completion"] for r in ra["records"]] == [r["completion"] for r in rb["records"]]
+    assert a["loss"]["loss"] == pytest.approx(b["loss"]["loss"], rel=1e-5)
+    scalars = read_scalars(out / "tensorboard")
+    assert "eval/gsm8k_accuracy" in scalars and "eval/boolq_accuracy" in scalars
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    proc = run(launcher_cmd(1, "python") + ["launch/evaluate.py", "--config", "configs/tiny_cpu.yaml", "--set",
+                                            f"output_dir={tmp_path / 'nothing'}"], check=False)
+    assert proc.returncode != 0
+    assert "no complete checkpoint" in proc.stderr
