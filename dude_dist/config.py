@@ -262,6 +262,10 @@ class EvalConfig:
         max_new_tokens: generation length.
         at_start: evaluate before training.
         at_end: evaluate after training.
+        gather_below_gb: under ZeRO-3 with several ranks, a model whose weights take less
+            than this many GiB is evaluated from a merged copy on every rank (no parameter
+            gather per generated token); larger models generate under ZeRO-3 with the ranks
+            kept in step (``synced_gpus``).
     """
 
     tasks: tuple[str, ...] = ("gsm8k",)
@@ -273,6 +277,7 @@ class EvalConfig:
     max_new_tokens: int = 256
     at_start: bool = False
     at_end: bool = False
+    gather_below_gb: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("tasks", "gsm8k_sources"):
@@ -282,6 +287,7 @@ class EvalConfig:
         _check(self.limit >= 0, "eval.limit", f"must be >= 0, got {self.limit}")
         _check(self.batch_size > 0, "eval.batch_size", f"must be > 0, got {self.batch_size}")
         _check(self.max_new_tokens > 0, "eval.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        _check(self.gather_below_gb >= 0, "eval.gather_below_gb", f"must be >= 0, got {self.gather_below_gb}")
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,61 @@ def _parameter_groups(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
 
 
 @torch.no_grad()
+def iter_merged_groups(model: nn.Module, collect: bool):
+    """Yield, one parameter group at a time, ``{state-dict key: merged CPU tensor}``.
+
+    Every rank must iterate (gathering is collective); ranks with ``collect=False`` get
+    empty dicts. DuDe layers come out as plain ``weight`` (= ``W'``) and ``bias``.
+    """
+    seen: set[int] = set()  # a tied tensor (lm_head = embed_tokens) comes out once, as HF saves it
+    for prefix, module, recurse in _parameter_groups(model):
+        # The same list on every rank: gathering is collective.
+        named = [(n, p) for n, p in module.named_parameters(recurse=recurse) if id(p) not in seen]
+        seen.update(id(p) for _, p in named)
+        group: dict[str, torch.Tensor] = {}
+        with gathered([p for _, p in named], modifier_rank=None):
+            if collect:
+                dude = {n: m for n, m in module.named_modules() if isinstance(m, DudeLinear)}
+                for pname, param in named:
+                    owner, _, leaf = pname.rpartition(".")
+                    full = f"{prefix}.{pname}" if prefix else pname
+                    if owner in dude:
+                        if leaf in ("lora_a", "lora_b", "magnitude"):
+                            continue
+                        tensor = dude[owner].merged_weight() if leaf == "weight" else param.detach()
+                    else:
+                        tensor = param.detach()
+                    group[full] = tensor.to("cpu", copy=True).contiguous()
+        yield group
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain (no DuDe, no ZeRO) copy of ``model`` with ``W'`` folded in, on every rank.
+
+    For evaluating small models under ZeRO-3: generation then runs without a parameter
+    gather per token. Collective; the caller checks that the model fits in memory.
+    """
+    from transformers import AutoModelForCausalLM
+
+    state: dict[str, torch.Tensor] = {}
+    for group in iter_merged_groups(model, collect=True):
+        state.update(group)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(model.config, dtype=next(iter(state.values())).dtype)
+    plain.load_state_dict(state, strict=False, assign=True)
+    plain.tie_weights()
+    missing = [n for n, p in plain.named_parameters() if p.is_meta]
+    if missing:
+        raise RuntimeError(f"merged copy lacks {missing[:5]}")
+    for name, buf in plain.named_buffers():
+        if buf.is_meta:  # non-persistent buffers (rotary inv_freq): take the original's
+            owner, _, leaf = name.rpartition(".")
+            plain.get_submodule(owner).register_buffer(leaf, model.get_buffer(name).detach().cpu().clone(),
+                                                       persistent=False)
+    return plain.eval()
+
+
+@torch.no_grad()
 def export_merged(model: nn.Module, tokenizer, out_dir: str | Path, rank: int,
                   max_shard_bytes: int = 4 * 1024**3) -> Path:
     """Write ``model`` as a plain Hugging Face folder (safetensors shards, config, tokenizer).
@@ -103,7 +158,6 @@ def export_merged(model: nn.Module, tokenizer, out_dir: str | Path, rank: int,
     shard_bytes = 0
     weight_map: dict[str, str] = {}
     written: list[str] = []
-    seen: set[int] = set()  # a tied tensor (lm_head = embed_tokens) is written once, as HF does
 
     def flush() -> None:
         nonlocal shard, shard_bytes
@@ -115,24 +169,9 @@ def export_merged(model: nn.Module, tokenizer, out_dir: str | Path, rank: int,
                 weight_map[key] = name
         shard, shard_bytes = {}, 0
 
-    for prefix, module, recurse in _parameter_groups(model):
-        # The same list on every rank: gathering is collective.
-        named = [(n, p) for n, p in module.named_parameters(recurse=recurse) if id(p) not in seen]
-        seen.update(id(p) for _, p in named)
-        with gathered([p for _, p in named], modifier_rank=None):
-            if rank == 0:
-                dude = {n: m for n, m in module.named_modules() if isinstance(m, DudeLinear)}
-                for pname, param in named:
-                    owner, _, leaf = pname.rpartition(".")
-                    full = f"{prefix}.{pname}" if prefix else pname
-                    if owner in dude:
-                        if leaf in ("lora_a", "lora_b", "magnitude"):
-                            continue
-                        tensor = dude[owner].merged_weight() if leaf == "weight" else param.detach()
-                    else:
-                        tensor = param.detach()
-                    shard[full] = tensor.to("cpu", copy=True).contiguous()
-                    shard_bytes += tensor.numel() * tensor.element_size()
+    for group in iter_merged_groups(model, collect=rank == 0):
+        shard.update(group)
+        shard_bytes += sum(t.numel() * t.element_size() for t in group.values())
         if shard_bytes >= max_shard_bytes:
             flush()
     flush()

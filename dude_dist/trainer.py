@@ -295,8 +295,15 @@ class Trainer:
         from dude_dist.evaluate import run_eval
 
         self.engine.eval()
+        model = self.engine.module
         synced = self.world > 1 and self.ds_config["zero_optimization"]["stage"] == 3
-        results = run_eval(self.engine.module, self.tokenizer, self.cfg.eval, synced_gpus=synced)
+        weight_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+        if synced and weight_bytes <= self.cfg.eval.gather_below_gb * 2**30:
+            from dude_dist.export import merged_copy
+
+            model, synced = merged_copy(model).to(self.device), False
+        results = run_eval(model, self.tokenizer, self.cfg.eval, synced_gpus=synced)
+        del model
         self.engine.train()
         scalars = {f"eval/{task}_accuracy": res["accuracy"] for task, res in results.items()}
         if self.rank == 0:

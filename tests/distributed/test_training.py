@@ -105,3 +105,19 @@ def test_gradient_checkpointing_same_losses(runs, tmp_path):
     on_losses, off_losses = step_metrics(runs["single"]), step_metrics(off)
     for step in on_losses:
         assert abs(on_losses[step] - off_losses[step]) <= 1e-5, (step, on_losses[step], off_losses[step])
+
+
+def test_eval_generation_same_with_merged_copy_and_synced_zero3(tmp_path):
+    """Small models are evaluated from a merged copy; large ones generate under ZeRO-3 in step.
+    Both paths must give the same completions."""
+    import json
+
+    completions = {}
+    for name, limit in (("merged", "2.0"), ("synced", "0")):
+        out = tmp_path / name
+        train(out, "train.max_steps=2", "train.save_every=0", "eval.at_end=true", "eval.limit=2",
+              "eval.max_new_tokens=8", f"eval.gather_below_gb={limit}", nproc=2, launcher="torchrun")
+        records = json.loads((out / "eval_end.json").read_text())["gsm8k"]["records"]
+        completions[name] = [r["completion"] for r in records]
+    assert len(completions["merged"]) == 2 and all(completions["merged"])
+    assert completions["merged"] == completions["synced"]
