@@ -9,7 +9,6 @@ held-out loss of data.eval_sources; writes JSON (default <output_dir>/eval_cli.j
 eval/* scalars to <output_dir>/tensorboard.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,28 +16,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    from dude_dist.cli import base_parser, run_cli
+
+    p = base_parser(__doc__)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", default="auto", help="checkpoint directory, or auto (newest under output_dir)")
     source.add_argument("--merged", help="a merged Hugging Face folder written by launch/export.py")
     p.add_argument("--out", help="results JSON (default: <output_dir>/eval_cli.json)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    from dude_dist.config import DudeError, load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
+    def body() -> None:
+        from dude_dist.config import load_config
         from dude_dist.evaluate import evaluate_run
 
+        cfg = load_config(args.config, args.overrides)
         out = Path(args.out) if args.out else Path(cfg.output_dir) / "eval_cli.json"
         evaluate_run(cfg, checkpoint=None if args.merged else args.checkpoint, merged=args.merged, out=out)
-    except (DudeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ ranks and ZeRO-3 the base model stays partitioned and is gathered one layer at a
 The result loads with plain `transformers`, no dude_dist needed.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -16,22 +15,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    from dude_dist.cli import base_parser, run_cli
+
+    p = base_parser(__doc__)
     p.add_argument("--checkpoint", default="auto", help="checkpoint directory, or auto (newest under output_dir)")
     p.add_argument("--out", required=True, help="folder for the merged model")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    from dude_dist.checkpoint import find_resume
-    from dude_dist.config import DudeError, load_config
-    from dude_dist.distributed import init_distributed
-    from dude_dist.export import export_merged, rebuild_model
-    from dude_dist.models import load_tokenizer
-    from dude_dist.tracking import setup_logging
+    def body() -> None:
+        from dude_dist.checkpoint import find_resume
+        from dude_dist.config import load_config
+        from dude_dist.distributed import init_distributed
+        from dude_dist.export import export_merged, rebuild_model
+        from dude_dist.models import load_tokenizer
+        from dude_dist.tracking import setup_logging
 
-    try:
         cfg = load_config(args.config, args.overrides)
         root = Path(cfg.output_dir) / "checkpoints"
         ckpt = find_resume(root) if args.checkpoint == "auto" else Path(args.checkpoint)
@@ -39,12 +37,9 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"no complete checkpoint under {root}")
         env = init_distributed(cfg.deepspeed.backend, cfg.deepspeed.timeout_s)
         setup_logging(env.rank)
-        model = rebuild_model(cfg, ckpt, env.world_size)
-        export_merged(model, load_tokenizer(cfg.model), args.out, env.rank)
-    except (DudeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        export_merged(rebuild_model(cfg, ckpt, env.world_size), load_tokenizer(cfg.model), args.out, env.rank)
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ No weights are read and no GPU is used: the model is built on the meta device fr
 config.json (configs/models/<org>--<name>.json for a hub id). Formulas: dude_dist/planner.py.
 """
 
-import argparse
 import contextlib
 import json
 import sys
@@ -17,10 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="run config YAML")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set data.max_seq_len=2048 (repeatable)")
+    from dude_dist.cli import base_parser
+
+    p = base_parser(__doc__)
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
@@ -35,21 +33,21 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dude_dist.config import ConfigError, load_config
-    from dude_dist.planner import PlanError, format_plan, plan_run
+    from dude_dist.cli import run_cli
 
-    try:
+    def body() -> None:
+        from dude_dist.config import load_config
+        from dude_dist.planner import format_plan, plan_run
+
         cfg = load_config(args.config, args.overrides)
         # Libraries that log to stdout (DeepSpeed does) must not corrupt --json.
         with contextlib.redirect_stdout(sys.stderr):
             plan = plan_run(cfg, args.nodes, args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb,
                             svd_gflops=args.svd_gflops, model_config=args.model_config,
                             reserve_gb=args.reserve_gb, compare_deepspeed=not args.no_deepspeed)
-    except (ConfigError, PlanError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(plan.to_dict(), indent=1) if args.json else format_plan(plan))
-    return 0
+        print(json.dumps(plan.to_dict(), indent=1) if args.json else format_plan(plan))
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

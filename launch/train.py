@@ -10,37 +10,27 @@ Precedence: --set key=value > YAML > defaults. --resume auto continues from the 
 complete checkpoint under output_dir (the default); --resume none starts over.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="run config YAML")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.max_steps=10 (repeatable)")
+def main(argv=None) -> int:
+    from dude_dist.cli import base_parser, run_cli
+
+    p = base_parser(__doc__)
     p.add_argument("--resume", default="auto", help="auto | none | a checkpoint directory (default: auto)")
     p.add_argument("--force-resume", action="store_true", help="resume even if model/adapter keys changed")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
 
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from dude_dist.config import DudeError, load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
+    def body() -> None:
+        from dude_dist.config import load_config
         from dude_dist.trainer import main as train
 
-        train(cfg, resume=args.resume, force_resume=args.force_resume)
-    except (DudeError, FileNotFoundError, NotADirectoryError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        train(load_config(args.config, args.overrides), resume=args.resume, force_resume=args.force_resume)
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

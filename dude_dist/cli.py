@@ -1,0 +1,29 @@
+"""What every entry point in launch/ shares: the common flags and how user errors end a run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from dude_dist.config import DudeError
+
+
+def base_parser(doc: str | None) -> argparse.ArgumentParser:
+    """``--config``, repeated ``--set key=value``, and the ``--local_rank`` that launchers pass."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="run config YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=10 (repeatable; beats the YAML)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def run_cli(body: Callable[[], None]) -> int:
+    """Run ``body``; a user error (bad config, data, paths) is one ``error:`` line and exit code 2."""
+    try:
+        body()
+    except (DudeError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
