@@ -253,6 +253,7 @@ class InitStats:
     bytes_gathered: int = 0
     energy: dict[str, float] = field(default_factory=dict)
     from_cache: bool = False
+    est_seconds_per_rank: list[float] = field(default_factory=list)
     trainable_params: int = 0
 
     def to_dict(self) -> dict:
@@ -296,9 +297,11 @@ def init_dude_layers(
     shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
     plan = plan_init(shapes, comm.world_size, cfg)
     if not use_cache:
-        mine = plan.layers_of(comm.rank)
-        logger.info("init plan: rank %d factorises %d layers (%.3g Gflop est.)",
-                    comm.rank, len(mine), plan.load[comm.rank] / 1e9)
+        gflops = measure_svd_gflops(cfg)
+        stats.est_seconds_per_rank = [load / (gflops * 1e9) for load in plan.load]
+        logger.info("init plan over %d ranks (SVD %s, ~%.1f Gflop/s measured here): %s", comm.world_size, cfg.svd,
+                    gflops, "; ".join(f"rank {r}: {len(plan.layers_of(r))} layers, {plan.load[r] / 1e9:.3g} Gflop, "
+                                      f"~{s:.2f} s" for r, s in enumerate(stats.est_seconds_per_rank)))
     svd_seconds = 0.0
     factors: dict[str, torch.Tensor] = {}
     broadcast_start = comm.bytes_broadcast
@@ -361,6 +364,19 @@ def init_dude_layers(
         stats.bytes_broadcast / 1e6, stats.bytes_residual_broadcast / 1e6,
     )
     return stats
+
+
+def measure_svd_gflops(cfg: DudeConfig, size: int = 384) -> float:
+    """Throughput of this process's SVD (estimated flops / second) on a small random matrix.
+
+    Small matrices run below peak, so estimates made from it are on the slow side.
+    """
+    weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+    rank = min(cfg.rank, size)
+    t = time.perf_counter()
+    factorize(weight, rank, variant=cfg.variant, method=cfg.svd, oversample=cfg.svd_oversample, niter=cfg.svd_niter)
+    seconds = max(time.perf_counter() - t, 1e-6)
+    return svd_cost(size, size, rank, cfg.svd, oversample=cfg.svd_oversample, niter=cfg.svd_niter) / seconds / 1e9
 
 
 def _owner_magnitude(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:

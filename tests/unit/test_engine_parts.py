@@ -1,0 +1,131 @@
+"""Pieces of the engine that need no process group: batch layout, sampler, DeepSpeed config,
+launcher discovery, activation checkpointing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dude_dist.config import ConfigError, RunConfig, TrainConfig, batch_layout, load_config
+from dude_dist.distributed import discover_env, expand_slurm_nodelist
+from dude_dist.sampler import StepSampler
+from dude_dist.zero import build_ds_config
+
+
+def test_batch_layout_derives_accumulation_and_rejects_bad_globals():
+    layout = batch_layout(TrainConfig(micro_batch_size=2, global_batch_size=16), world_size=2)
+    assert (layout.grad_accum, layout.global_batch_size, layout.per_rank) == (4, 16, 8)
+    assert batch_layout(TrainConfig(micro_batch_size=2, grad_accum=3), 4).global_batch_size == 24
+    with pytest.raises(ConfigError, match=r"global_batch_size: 6 is not a multiple of .* = 4"):
+        batch_layout(TrainConfig(micro_batch_size=2, global_batch_size=6), world_size=2)
+
+
+def test_sampler_is_world_size_independent_and_disjoint():
+    one = StepSampler(100, batch_layout(TrainConfig(micro_batch_size=4, global_batch_size=8), 1), seed=3)
+    two = StepSampler(100, batch_layout(TrainConfig(micro_batch_size=2, global_batch_size=8), 2), seed=3)
+    three_layout = batch_layout(TrainConfig(micro_batch_size=1, global_batch_size=6), 3)
+    three = StepSampler(100, three_layout, seed=3)
+    for step in range(30):  # crosses epoch boundaries (12 steps of 8 per epoch)
+        flat_one = [i for mb in one.micro_batches(step, 0) for i in mb]
+        flat_two = [i for r in range(2) for mb in two.micro_batches(step, r) for i in mb]
+        assert flat_one == flat_two == one.global_batch(step)
+        per_rank = [set(i for mb in three.micro_batches(step, r) for i in mb) for r in range(3)]
+        assert sum(len(s) for s in per_rank) == 6 and len(set.union(*per_rank)) == 6
+    epoch0 = [i for s in range(12) for i in one.global_batch(s)]
+    assert len(set(epoch0)) == 96  # no repeats within an epoch
+    assert one.global_batch(12) != one.global_batch(0)  # a new order next epoch
+    assert StepSampler(100, one.layout, seed=4).global_batch(0) != one.global_batch(0)
+    with pytest.raises(ValueError, match="cannot fill one global batch"):
+        StepSampler(5, one.layout, seed=0)
+
+
+def _cfg(**train) -> RunConfig:
+    return load_config(None, ["model.name_or_path=x", *[f"train.{k}={v}" for k, v in train.items()]])
+
+
+def test_ds_config_from_run_config_and_json_override(tmp_path):
+    cfg = _cfg(micro_batch_size=2, global_batch_size=8, max_grad_norm=0.5)
+    ds = build_ds_config(cfg, batch_layout(cfg.train, 2))
+    assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 3
+    override = tmp_path / "ds.json"
+    override.write_text(json.dumps({"zero_optimization": {"stage3_max_live_parameters": 123}}))
+    cfg2 = load_config(None, ["model.name_or_path=x", f"deepspeed.config_file={override}"])
+    ds2 = build_ds_config(cfg2, batch_layout(cfg2.train, 1))
+    assert ds2["zero_optimization"]["stage3_max_live_parameters"] == 123
+    assert ds2["zero_optimization"]["stage"] == 3  # keys not overridden survive
+    override.write_text(json.dumps({"train_batch_size": 99}))
+    with pytest.raises(ValueError, match="train_batch_size=99 disagrees"):
+        build_ds_config(cfg2, batch_layout(cfg2.train, 1))
+    override.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ValueError, match="'optimizer' is set by dude_dist"):
+        build_ds_config(cfg2, batch_layout(cfg2.train, 1))
+    override.write_text("{not json")
+    with pytest.raises(ValueError, match=r"ds.json:1: invalid JSON"):
+        build_ds_config(cfg2, batch_layout(cfg2.train, 1))
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234",
+          "TORCHELASTIC_RUN_ID": "x"}, (3, 8, 1, "10.0.0.1", 1234, "torchrun")),
+        ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+          "CROSS_RANK": "0"}, (1, 2, 1, "127.0.0.1", 29500, "deepspeed")),
+        ({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "6", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+          "MASTER_ADDR": "head"}, (5, 6, 2, "head", 29500, "mpi")),
+        ({"SLURM_PROCID": "7", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "3", "SLURM_JOB_ID": "42",
+          "SLURM_STEP_NODELIST": "gpu[07-08]", "MASTER_ADDR": "gpu07"}, (7, 16, 3, "gpu07", 29542, "slurm")),
+    ],
+)
+def test_discover_env_reads_each_launcher(env, expected):
+    got = discover_env(env)
+    assert (got.rank, got.world_size, got.local_rank, got.master_addr, got.master_port, got.launcher) == expected
+
+
+def test_discover_env_single_process_and_batch_script():
+    single = discover_env({})
+    assert (single.rank, single.world_size, single.launcher) == (0, 1, "single") and single.master_port > 0
+    # The batch script itself (no srun step) is one process, not rank 0 of SLURM_NTASKS.
+    batch = discover_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "9"})
+    assert batch.world_size == 1
+    with pytest.raises(ValueError, match="RANK='x' is not an integer"):
+        discover_env({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_expand_slurm_nodelist():
+    assert expand_slurm_nodelist("node[01-03,07],gpu5") == ["node01", "node02", "node03", "node07", "gpu5"]
+    assert expand_slurm_nodelist("a1") == ["a1"]
+
+
+def test_activation_checkpointing_saves_fewer_activations_same_loss(stories_path):
+    from transformers import AutoModelForCausalLM
+
+    from dude_dist import DudeConfig, apply_dude
+
+    ids = torch.randint(3, 500, (2, 48), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for ckpt in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(stories_path, dtype=torch.float32)
+        apply_dude(model, DudeConfig(rank=4))
+        if ckpt:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        saved_during_forward = sum(saved)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        results[ckpt] = (loss.item(), saved_during_forward, grads)
+    (loss_off, bytes_off, g_off), (loss_on, bytes_on, g_on) = results[False], results[True]
+    assert abs(loss_on - loss_off) <= 1e-5
+    assert torch.allclose(g_on, g_off, atol=1e-6, rtol=1e-5)
+    assert bytes_on < 0.5 * bytes_off, (bytes_on, bytes_off)
