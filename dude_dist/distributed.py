@@ -145,9 +145,13 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
     """
     import torch
 
+    from dude_dist.tracking import setup_logging
     from dude_dist.zero import init_deepspeed_comm
 
     dist_env = discover_env()
+    # The first moment the rank is known: without this the line below (INFO, rank 0) has no
+    # handler yet and is dropped.
+    setup_logging(dist_env.rank)
     os.environ.update({
         "RANK": str(dist_env.rank),
         "WORLD_SIZE": str(dist_env.world_size),

@@ -72,3 +72,100 @@ def step_metrics(output_dir: Path, key: str = "train/loss") -> dict[int, float]:
 
 def summary(output_dir: Path) -> dict:
     return json.loads((Path(output_dir) / "summary.json").read_text())
+
+
+# ---------------------------------------------------------------- several launcher processes at once
+
+
+def train_args(output_dir: Path, *overrides: str, config: str = "configs/tiny_cpu.yaml",
+               resume: str = "none") -> list[str]:
+    """``launch/train.py`` and its arguments, to put after any launcher command."""
+    args = ["launch/train.py", "--config", config, "--resume", resume, "--set", f"output_dir={output_dir}"]
+    for item in overrides:
+        args += ["--set", item]
+    return args
+
+
+def kill_group(proc: subprocess.Popen, grace: float = 10) -> None:
+    """End a process started by :func:`run_together`, its process group and all its descendants
+    (torchrun starts each worker in a session of its own): SIGTERM, then SIGKILL after ``grace`` s."""
+    import signal
+
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+    except psutil.NoSuchProcess:
+        children = []
+
+    def send(sig: int, procs: list) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for child in procs:
+            try:
+                child.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+
+    send(signal.SIGTERM, children)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    _, alive = psutil.wait_procs(children, timeout=grace)
+    send(signal.SIGKILL, alive)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def run_together(cmds: list[list[str]], logs: list[Path], timeout: float = 600, **env: str) -> list[str]:
+    """Run commands side by side (e.g. one launcher per "node"), each in its own process group
+    with stdout+stderr in its log; return the logs' text. If one fails or the time runs out,
+    every group is killed and the error shows each log's tail."""
+    import time
+
+    procs = []
+    try:
+        for cmd, log in zip(cmds, logs, strict=True):
+            with open(log, "w") as f:
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=proc_env(**env), stdout=f, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+        deadline = time.monotonic() + timeout
+        failed = None
+        while failed is None and any(p.poll() is None for p in procs):
+            failed = next((c for c, p in zip(cmds, procs) if p.poll() not in (None, 0)), None)
+            if time.monotonic() > deadline:
+                failed = f"timed out after {timeout:.0f} s"
+            time.sleep(0.2)
+        failed = failed or next((c for c, p in zip(cmds, procs) if p.returncode != 0), None)
+    finally:
+        for proc in procs:
+            kill_group(proc)
+    texts = [Path(log).read_text(errors="replace") for log in logs]
+    if failed is not None:
+        detail = "\n".join(f"--- {' '.join(c)} (exit {p.returncode}) ---\n{t[-6000:]}"
+                           for c, p, t in zip(cmds, procs, texts))
+        raise AssertionError(f"launch failed: {failed if isinstance(failed, str) else ' '.join(failed)}\n{detail}")
+    return texts
+
+
+_REFERENCE_RUNS: dict[tuple[str, ...], Path] = {}
+
+
+def reference_run(*overrides: str) -> Path:
+    """Output dir of a 1-process run of the tiny config with ``overrides``, trained once per session
+    (launcher tests compare their losses with it)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if overrides not in _REFERENCE_RUNS:
+        root = Path(tempfile.mkdtemp(prefix="dude-reference-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        train(root / "run", *overrides, timeout=300)
+        _REFERENCE_RUNS[overrides] = root / "run"
+    return _REFERENCE_RUNS[overrides]
