@@ -24,7 +24,7 @@ demo: venv
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --config configs/demo_cpu.yaml --resume none
 
 test: venv
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=1 $(PY) -m pytest tests $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check dude_dist launch tests benchmarks
