@@ -8,6 +8,21 @@ The loss of an optimizer step is the mean over *all* labelled tokens of the glob
 (every rank, every micro-batch), so the gradient does not depend on how the batch is
 split over ranks and accumulation steps: a 2-rank run and a 1-process run with the same
 global batch take the same steps.
+
+What the loop does when something goes wrong:
+
+* a non-finite loss on any rank, or a non-finite gradient, skips the whole optimizer step
+  (nothing changes but the data position; ``train/skipped_steps`` counts them); after
+  ``train.max_nonfinite_steps`` in a row the run stops with a :class:`TrainingError`
+  naming the step and the training samples, without writing a checkpoint for it;
+* SIGTERM (SLURM preemption, ``scancel``, torchrun's shutdown) checkpoints at the next
+  step boundary and exits cleanly; ``--resume auto`` continues from there;
+* a rank that dies ends the others at their next collective with an error naming it
+  (ranks on this host are checked by pid), instead of a hang until ``deepspeed.timeout_s``.
+
+Fault injection for tests (environment variables): ``DUDE_FAULT_CKPT_CRASH=<step>`` dies
+between a checkpoint's files and its commit; ``DUDE_FAULT_NAN_STEPS=5,6,7`` multiplies the
+loss of the last micro-batch of the highest rank at those (1-based) steps by NaN.
 """
 
 from __future__ import annotations
@@ -16,6 +31,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,13 +103,23 @@ def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
     return t.tolist()
 
 
+def _fault_steps(name: str) -> set[int]:
+    return {int(s) for s in os.environ.get(name, "").split(",") if s.strip()}
+
+
 @dataclass
 class StepResult:
+    """One optimizer step. ``skipped``: DeepSpeed did not apply it; ``nonfinite``: the reason
+    was a non-finite loss or gradient (not an fp16 loss-scale overflow), described by ``problem``."""
+
     loss: float
     grad_norm: float
     lr: float
     tokens: int
     step_time: float
+    skipped: bool = False
+    nonfinite: bool = False
+    problem: str = ""
     extra: dict = field(default_factory=dict)
 
 
@@ -113,6 +139,7 @@ class Trainer:
         self.env: DistEnv = init_distributed(cfg.deepspeed.backend, cfg.deepspeed.timeout_s)
         setup_logging(self.env.rank)
         self.rank, self.world = self.env.rank, self.env.world_size
+        self.peers = self._gather_peers()
         self.output_dir = Path(cfg.output_dir)
         if self.rank == 0:
             check_output_dir(self.output_dir)
@@ -120,6 +147,10 @@ class Trainer:
         self.layout = batch_layout(cfg.train, self.world)
         self.device = torch.device(f"cuda:{self.env.local_rank}" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(cfg.train.seed)
+        self.ckpt_root = self.output_dir / "checkpoints"
+        # A checkpoint that does not fit this config (or fails the pickle check) is refused
+        # before anything heavy loads.
+        resume_from = self._find_resume(resume, force_resume)
 
         # Data first: a bad file or field fails before the model is loaded.
         from dude_dist.data import build_datasets, collate_batch
@@ -134,8 +165,6 @@ class Trainer:
                     len(self.train_set), self.total_steps, self.layout.global_batch_size,
                     self.layout.micro_batch_size, self.layout.grad_accum, self.world)
 
-        self.ckpt_root = self.output_dir / "checkpoints"
-        resume_from = self._find_resume(resume, force_resume)
         if resume_from is None and self.rank == 0:
             archive_previous_run(self.output_dir)
         self._barrier()
@@ -147,6 +176,8 @@ class Trainer:
             ckpt_lib.load_checkpoint(self.engine, resume_from, self.rank)
             self.start_step = int(ckpt_lib.read_meta(resume_from)["step"])
             logger.info("resumed from %s at step %d", resume_from, self.start_step)
+        self._fault_nan_steps = _fault_steps("DUDE_FAULT_NAN_STEPS")
+        self._step = self.start_step
         self._stop_requested = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self.startup_seconds = time.perf_counter() - t_start
@@ -216,7 +247,17 @@ class Trainer:
         if differ and not force:
             detail = "; ".join(f"{k}: checkpoint {saved[k]!r} vs config {now[k]!r}" for k in differ)
             raise TrainingError(f"refusing to resume from {ckpt}: {detail} (pass --force-resume to override)")
+        ckpt_lib.verify_checkpoint_files(ckpt)
         return ckpt
+
+    def _gather_peers(self) -> list[tuple[str, int]]:
+        """(host, pid) of every rank, so a rank that dies can be named by the others."""
+        me = (socket.gethostname(), os.getpid())
+        if self.world == 1:
+            return [me]
+        peers: list = [None] * self.world
+        dist.all_gather_object(peers, me)
+        return peers
 
     # ------------------------------------------------------------------ loop pieces
 
@@ -236,32 +277,76 @@ class Trainer:
                                ignore_index=-100, reduction="sum")
         return loss, int((labels != -100).sum())
 
-    def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int, int]:
+    def forward_backward(self, step: int, micro_batches: list[dict[str, torch.Tensor]]
+                         ) -> tuple[float, int, int, list[int]]:
         """Accumulate gradients of (summed token loss / global labelled tokens).
 
         DeepSpeed divides by the accumulation steps and averages over ranks; the
         ``world * accum`` factor undoes both, leaving the exact global token mean.
+
+        Before each backward every rank learns whether any rank's loss is non-finite (one
+        all-reduce of a per-rank flag). From the first such micro-batch on, every rank
+        backpropagates a NaN loss, so ZeRO finds a non-finite gradient norm and skips the
+        optimizer step as it skips an fp16 overflow: no parameter, optimizer-state or LR
+        change, ``engine.skipped_steps`` + 1. Every backward/step call is still made, so
+        DeepSpeed's micro-step and accumulation counters stay in step.
+
+        Returns:
+            mean loss, global labelled tokens, global tokens, and the training-set indices
+            of the micro-batches (any rank) whose loss was non-finite.
         """
         local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
         local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
         global_targets, global_tokens = _all_reduce([local_targets, local_tokens])
         scale = self.world * self.layout.grad_accum / max(global_targets, 1.0)
+        inject_nan = step + 1 in self._fault_nan_steps and self.rank == self.world - 1
         loss_sum = 0.0
-        for batch in micro_batches:
+        bad_samples: list[int] = []
+        for micro, batch in enumerate(micro_batches):
             loss, _ = self._loss_sum(batch)
+            if inject_nan and micro == len(micro_batches) - 1:
+                loss = loss * float("nan")
+            flags = [0.0] * self.world
+            flags[self.rank] = 0.0 if bool(torch.isfinite(loss.detach())) else 1.0
+            for rank, flag in enumerate(_all_reduce(flags)):
+                if flag:
+                    bad_samples += self.sampler.micro_batches(step, rank)[micro]
+            if bad_samples:
+                if not hasattr(self.engine.optimizer, "overflow"):
+                    raise TrainingError(
+                        f"non-finite loss at step {step + 1} in training samples {sorted(bad_samples)}; with "
+                        f"deepspeed.zero_stage={self.cfg.deepspeed.zero_stage} and model.dtype={self.cfg.model.dtype} "
+                        "DeepSpeed cannot skip a step, so the run stops here (no checkpoint written)")
+                loss = loss * float("nan")
             self.engine.backward(loss * scale)
             self.engine.step()
             loss_sum += float(loss.detach())
         (total,) = _all_reduce([loss_sum])
-        return total / max(global_targets, 1.0), int(global_targets), int(global_tokens)
+        return total / max(global_targets, 1.0), int(global_targets), int(global_tokens), sorted(bad_samples)
 
     def step(self, step: int) -> StepResult:
+        """Optimizer step ``step`` (0-based); reports whether DeepSpeed skipped it, and why."""
         t0 = time.perf_counter()
         lr = float(self.engine.get_lr()[0])
-        loss, _, tokens = self.forward_backward(self.batches(step))
+        loss, _, tokens, bad_samples = self.forward_backward(step, self.batches(step))
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens, step_time=time.perf_counter() - t0)
+        skipped = not self.engine.was_step_applied()
+        number = step + 1
+        if bad_samples and not skipped:
+            raise TrainingError(
+                f"non-finite loss at step {number} in training samples {bad_samples}, and DeepSpeed applied the "
+                f"update anyway (deepspeed.zero_stage={self.cfg.deepspeed.zero_stage}, "
+                f"model.dtype={self.cfg.model.dtype}): the parameters may be non-finite; stopping without a "
+                "checkpoint")
+        if bad_samples:
+            problem = f"non-finite loss at step {number} in training samples {bad_samples}"
+        elif skipped and self.cfg.model.dtype != "float16":
+            problem = f"non-finite gradient norm at step {number} (the loss was finite)"
+        else:  # an fp16 loss-scale overflow: DeepSpeed lowers the scale; that is routine
+            problem = ""
+        return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens, step_time=time.perf_counter() - t0,
+                          skipped=skipped, nonfinite=bool(problem), problem=problem)
 
     @torch.no_grad()
     def evaluate_loss(self) -> dict[str, float]:
@@ -337,7 +422,48 @@ class Trainer:
     # ------------------------------------------------------------------ train
 
     def train(self) -> dict:
-        """Run from ``start_step`` to ``total_steps``; return a summary (also written to summary.json)."""
+        """Run from ``start_step`` to ``total_steps``; return a summary (also written to summary.json).
+
+        Raises:
+            TrainingError: too many non-finite steps in a row, or a peer rank was lost (the
+                message names it when it ran on this host).
+        """
+        try:
+            return self._train()
+        except RuntimeError as exc:
+            if self.world > 1 and not isinstance(exc, DudeError) and _is_comm_failure(exc):
+                raise self._lost_peer_error(exc) from exc
+            raise
+
+    def _lost_peer_error(self, exc: BaseException) -> TrainingError:
+        """Name the ranks that are gone (those on this host are checked by pid)."""
+        import psutil
+
+        host = socket.gethostname()
+        gone = []
+        for rank, (peer_host, pid) in enumerate(self.peers):
+            if rank == self.rank or peer_host != host:
+                continue
+            try:
+                alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                alive = False
+            if not alive:
+                gone.append(f"rank {rank} (pid {pid})")
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        if gone:
+            who = f"lost {', '.join(gone)}: the process has exited"
+        elif "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+            who = (f"a collective timed out after deepspeed.timeout_s={self.cfg.deepspeed.timeout_s} s: "
+                   "a peer rank died or hangs")
+        else:
+            who = "a peer rank died or became unreachable"
+        latest = ckpt_lib.find_resume(self.ckpt_root)
+        kept = f"the newest complete checkpoint is {latest.name}" if latest else "no checkpoint was written yet"
+        return TrainingError(f"rank {self.rank}: {who} (during step {self._step + 1}; {first_line}); {kept}; "
+                             "restart with --resume auto")
+
+    def _train(self) -> dict:
         from tqdm import tqdm
 
         cfg = self.cfg.train
@@ -356,20 +482,38 @@ class Trainer:
         step = self.start_step
         last_saved = self.start_step
         stopped = False
+        nonfinite_streak: list[int] = []  # consecutive steps skipped for a non-finite loss or gradient
         self.engine.train()
         while step < self.total_steps:
+            self._step = step
             result = self.step(step)
             step += 1
             losses.append(result.loss)
+            if not result.skipped:
+                nonfinite_streak = []
+            elif result.nonfinite:
+                nonfinite_streak.append(step)
+                logger.warning("step %d skipped: %s (%d in a row; train.max_nonfinite_steps=%d)", step,
+                               result.problem, len(nonfinite_streak), cfg.max_nonfinite_steps)
             tok_s = result.tokens / max(result.step_time, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}", gnorm=f"{result.grad_norm:.3f}", tok_s=f"{tok_s:.0f}")
-            if step % cfg.log_every == 0 or step == self.total_steps:
+            if step % cfg.log_every == 0 or step == self.total_steps or result.skipped:
                 self.tracker.log(step, {
                     "train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": result.lr,
                     "train/tokens_per_s": tok_s, "train/step_time_s": result.step_time,
-                    "train/memory_bytes": peak_memory_bytes(),
+                    "train/memory_bytes": peak_memory_bytes(), "train/skipped_steps": self.engine.skipped_steps,
                 })
+            if len(nonfinite_streak) >= cfg.max_nonfinite_steps:
+                # Checked before any save: the failing step gets no checkpoint. (A checkpoint
+                # written at an earlier skipped step holds the parameters from before the streak.)
+                bar.close()
+                latest = ckpt_lib.find_resume(self.ckpt_root)
+                kept = f"The newest checkpoint, {latest.name}," if latest else "No checkpoint"
+                raise TrainingError(
+                    f"{result.problem}: {len(nonfinite_streak)} steps in a row skipped (steps {nonfinite_streak[0]}-"
+                    f"{nonfinite_streak[-1]}), train.max_nonfinite_steps={cfg.max_nonfinite_steps}; stopping. "
+                    f"{kept} holds the parameters from before step {nonfinite_streak[0]}")
             if cfg.eval_every and step % cfg.eval_every == 0 and step != self.total_steps:
                 self.tracker.log(step, self.evaluate_loss())
             if cfg.save_every and step % cfg.save_every == 0:
@@ -405,6 +549,19 @@ class Trainer:
     def _barrier(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
+
+
+# What gloo and NCCL say when a peer is gone or a collective times out.
+_COMM_FAILURE_TEXT = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out",
+                      "operation timeout", "nccl error", "ncclremoteerror")
+
+
+def _is_comm_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of a collective whose peer is gone (gloo/NCCL/store errors)."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return any(marker in text for marker in _COMM_FAILURE_TEXT)
 
 
 def get_layers(engine) -> dict:
