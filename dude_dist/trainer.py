@@ -575,9 +575,12 @@ def main(cfg: RunConfig, resume: str = "auto", force_resume: bool = False) -> di
         trainer = Trainer(cfg, resume=resume, force_resume=force_resume)
         summary = trainer.train()
         if trainer.rank == 0:
-            logger.info("done: steps %d-%d, loss %.4f -> %.4f; output in %s", summary["start_step"],
+            held_out = ""
+            if summary.get("eval_loss_start") is not None and summary.get("eval_loss_end") is not None:
+                held_out = f", held-out loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f}"
+            logger.info("done: steps %d-%d, training loss %.4f -> %.4f%s; output in %s", summary["start_step"],
                         summary["end_step"], summary["first_loss"] or float("nan"),
-                        summary["last_loss"] or float("nan"), cfg.output_dir)
+                        summary["last_loss"] or float("nan"), held_out, cfg.output_dir)
         return summary
     finally:
         if dist.is_initialized():
