@@ -283,8 +283,8 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
     errors = re.findall(r"^error: (.*)$", text, re.MULTILINE)
-    assert len(errors) == 2, text[-4000:]  # both ranks stop, with the same message
-    assert errors[0] == errors[1]
+    # Both ranks raise the same error; torchrun may kill one before it prints, so one or two lines.
+    assert 1 <= len(errors) <= 2 and len(set(errors)) == 1, text[-4000:]
     assert re.match(r"non-finite loss at step 7 in training samples \[\d+, \d+\]: 3 steps in a row skipped "
                     r"\(steps 5-7\), train.max_nonfinite_steps=3", errors[0]), errors[0]
     assert "step_00000004" in errors[0]
