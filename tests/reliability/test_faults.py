@@ -12,6 +12,7 @@ trainer makes 1- and 2-rank runs take identical steps for the same global batch)
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -294,6 +295,29 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
     assert (ckpts / "latest").read_text().strip() == "step_00000004"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004"]
     assert not (out / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_nonfinite_gradient_with_finite_loss_names_the_layer(tmp_path):
+    # 2 ranks, finite losses; rank 1 alone makes one DuDe layer's gradient infinite.
+    out = tmp_path / "run"
+    layer = "model.layers.1.self_attn.v_proj"
+    proc = train(out, "train.max_steps=8", "train.save_every=2", "train.max_nonfinite_steps=2", nproc=2,
+                 launcher="torchrun", check=False, timeout=300, DUDE_FAULT_INF_GRAD=f"3,4@{layer}")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    errors = re.findall(r"^error: (.*)$", text, re.MULTILINE)
+    assert 1 <= len(errors) <= 2 and len(set(errors)) == 1, text[-4000:]
+    assert re.match(rf"non-finite gradient norm at step 4 \(the loss was finite\): layer {re.escape(layer)} has a "
+                    r"non-finite gradient \(1 of \d+ layers non-finite\): 2 steps in a row skipped \(steps 3-4\)",
+                    errors[0]), errors[0]
+    assert "step_00000002" in errors[0]
+    # The first skip was logged with the same layer, and counted.
+    assert re.search(rf"step 3 skipped: non-finite gradient norm at step 3 .*layer {re.escape(layer)}", text)
+    assert step_metrics(out, "train/skipped_steps") == {1: 0, 2: 0, 3: 1, 4: 2}
+    assert all(math.isfinite(v) for v in step_metrics(out).values())  # the losses stayed finite
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    no_traceback_from_us(text)
 
 
 # --------------------------------------------------------------------------- resume with changed keys

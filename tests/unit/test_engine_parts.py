@@ -129,3 +129,38 @@ def test_activation_checkpointing_saves_fewer_activations_same_loss(stories_path
     assert abs(loss_on - loss_off) <= 1e-5
     assert torch.allclose(g_on, g_off, atol=1e-6, rtol=1e-5)
     assert bytes_on < 0.5 * bytes_off, (bytes_on, bytes_off)
+
+
+def test_layer_grad_norms_match_the_gradients_and_name_the_culprit(monkeypatch):
+    from torch import nn
+
+    from dude_dist import DudeConfig, apply_dude
+    from dude_dist.layer_grads import LayerGradNorms
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("up", nn.Linear(8, 16))
+    model.add_module("act", nn.Tanh())
+    model.add_module("down", nn.Linear(16, 8))
+    apply_dude(model, DudeConfig(targets=["up", "down"], rank=2))
+    probe = LayerGradNorms(model)
+    assert probe.names == ["up", "down"]
+    probe.reset(0)
+    (model(torch.randn(5, 8)) * 10).square().sum().backward()
+    expected = [torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad]).double().norm().item()
+                for m in (model.up, model.down)]
+    assert probe.norms() == pytest.approx(expected, rel=1e-12)
+    top = "up" if expected[0] > expected[1] else "down"
+    assert probe.worst() == f"largest gradient norm {max(expected):.4g} in layer {top}"
+    probe.remove()
+
+    # The fault hook makes one layer's gradient infinite at the chosen (1-based) step only.
+    monkeypatch.setenv("DUDE_FAULT_INF_GRAD", "2@down")
+    model.zero_grad()
+    probe = LayerGradNorms(model)
+    for step, finite in ((0, True), (1, False)):
+        probe.reset(step)
+        model(torch.randn(5, 8)).sum().backward()
+        assert torch.isfinite(model.down.magnitude.grad).all() == finite
+        assert probe.worst().startswith("largest gradient norm" if finite else
+                                        "layer down has a non-finite gradient (1 of 2 layers non-finite)")

@@ -1,0 +1,104 @@
+"""Per-layer gradient norms of the DuDe layers, to name the culprit of a non-finite gradient.
+
+DeepSpeed reports one global gradient norm and, when it is non-finite, skips the step and
+zeroes the gradients. Which layer went wrong is gone by then, so tensor hooks on the
+trainable parameters record each DuDe layer's squared gradient norm as backward produces
+it (the full, not yet reduce-scattered, gradient of this rank's micro-batch; under ZeRO-3
+too). :meth:`LayerGradNorms.worst` sums them over ranks and names the layer:
+
+* the first layer (module order) whose gradient is non-finite, with how many are, or
+* else the layer with the largest gradient norm.
+
+The record is a sum of per-rank, per-micro-batch squared norms, not the norm of the
+reduced gradient; it locates a problem, it does not replace ``train/grad_norm``.
+
+Fault injection for tests: ``DUDE_FAULT_INF_GRAD=<steps>@<layer>`` (e.g.
+``5,6,7@model.layers.1.self_attn.v_proj``) multiplies that layer's magnitude gradient
+by inf on the highest rank at those (1-based) steps, with a finite loss.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dude_dist.dude import DudeLinear
+
+FAULT_ENV = "DUDE_FAULT_INF_GRAD"
+
+
+class LayerGradNorms:
+    """Hooks on every DuDe layer's trainable parameters; :meth:`reset` before each step.
+
+    Args:
+        model: the (possibly DeepSpeed-wrapped, ZeRO-3 partitioned) model.
+        rank, world: this process's rank and the world size (for the fault injection).
+    """
+
+    def __init__(self, model: nn.Module, rank: int = 0, world: int = 1) -> None:
+        self.names: list[str] = []
+        self._handles = []
+        self._sq: torch.Tensor | None = None
+        self._step = 0
+        self._fault_steps, self._fault_layer = _parse_fault(os.environ.get(FAULT_ENV, ""))
+        self._inject_here = rank == world - 1
+        for name, module in model.named_modules():
+            if not isinstance(module, DudeLinear):
+                continue
+            index = len(self.names)
+            self.names.append(name.removeprefix("module."))
+            for pname, param in module.named_parameters(recurse=False):
+                if param.requires_grad:
+                    self._handles.append(param.register_hook(partial(self._record, index, pname)))
+
+    def reset(self, step: int) -> None:
+        """Start recording optimizer step ``step`` (0-based)."""
+        self._step = step
+        self._sq = None
+
+    def _record(self, index: int, pname: str, grad: torch.Tensor) -> torch.Tensor | None:
+        if (self._inject_here and self._step + 1 in self._fault_steps and pname == "magnitude"
+                and self.names[index] == self._fault_layer):
+            grad = grad * float("inf")
+        if self._sq is None:
+            self._sq = torch.zeros(len(self.names), dtype=torch.float64, device=grad.device)
+        self._sq[index] += grad.detach().double().pow(2).sum()
+        return grad
+
+    def norms(self) -> list[float]:
+        """Per-layer gradient norms of the current step, summed over ranks (collective)."""
+        sq = self._sq if self._sq is not None else torch.zeros(len(self.names), dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            sq = sq.clone()
+            dist.all_reduce(sq)
+        return [math.sqrt(v) if math.isfinite(v) else v for v in sq.cpu().tolist()]
+
+    def worst(self) -> str:
+        """A phrase naming the layer to look at, e.g. ``"layer model.layers.1.self_attn.v_proj
+        has a non-finite gradient (1 of 60 layers)"``. Collective."""
+        norms = self.norms()
+        if not norms:
+            return "no DuDe layer gradients recorded"
+        bad = [i for i, v in enumerate(norms) if not math.isfinite(v)]
+        if bad:
+            return (f"layer {self.names[bad[0]]} has a non-finite gradient "
+                    f"({len(bad)} of {len(norms)} layers non-finite)")
+        top = max(range(len(norms)), key=norms.__getitem__)
+        return f"largest gradient norm {norms[top]:.4g} in layer {self.names[top]}"
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _parse_fault(spec: str) -> tuple[set[int], str]:
+    if not spec.strip():
+        return set(), ""
+    steps, _, layer = spec.partition("@")
+    return {int(s) for s in steps.split(",") if s.strip()}, layer.strip()
