@@ -301,6 +301,37 @@ def run_eval(model: Any, tokenizer: Any, cfg: EvalConfig, *, synced_gpus: bool =
 
 
 @torch.no_grad()
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (transformers' causal LMs do)."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def token_loss_sum(forward, batch: dict[str, torch.Tensor], keep_logits: bool = True
+                   ) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss of a batch and its number of labelled targets.
+
+    With ``keep_logits``, logits are computed only from the first labelled position of the
+    batch on (the model's ``logits_to_keep``): prompt positions carry no loss, and the LM
+    head over a large vocabulary is a sizeable share of a step's work and memory.
+
+    Args:
+        forward: the model or DeepSpeed engine (called with ``input_ids``, ``attention_mask``).
+        batch: ``input_ids``, ``attention_mask`` and ``labels`` (``IGNORE_INDEX``: no loss), [batch, seq].
+    """
+    labels = batch["labels"][:, 1:]
+    kwargs: dict = {}
+    if keep_logits:
+        labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+        first = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
+        kwargs["logits_to_keep"] = labels.shape[1] + 1 - first
+        labels = labels[:, first:]
+    logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
 def eval_loss(model: Any, dataset: Sequence[dict], pad_token_id: int, batch_size: int) -> dict[str, float]:
     """Mean next-token cross-entropy over labelled tokens (token-weighted, not per batch).
 
@@ -322,16 +353,15 @@ def eval_loss(model: Any, dataset: Sequence[dict], pad_token_id: int, batch_size
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    keep = accepts_logits_to_keep(model)
     total, tokens = 0.0, 0
     try:
         for start in range(0, len(dataset), batch_size):
             samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = {k: v.to(device) for k, v in collate_batch(samples, pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            targets = batch["labels"][:, 1:]  # position t predicts token t+1
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                     ignore_index=IGNORE_INDEX, reduction="sum").item()
-            tokens += int((targets != IGNORE_INDEX).sum())
+            loss, count = token_loss_sum(model, batch, keep)
+            total += loss.item()
+            tokens += count
     finally:
         model.train(was_training)
     if tokens == 0:

@@ -40,12 +40,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from dude_dist import checkpoint as ckpt_lib
 from dude_dist.adapters import get_dude_layers, inject_and_init
 from dude_dist.config import DudeError, RunConfig, batch_layout, config_to_dict
 from dude_dist.distributed import DistEnv, init_distributed
+from dude_dist.evaluate import accepts_logits_to_keep, token_loss_sum
 from dude_dist.layer_grads import LayerGradNorms
 from dude_dist.models import load_model, load_tokenizer
 from dude_dist.sampler import StepSampler
@@ -181,6 +181,7 @@ class Trainer:
             logger.info("resumed from %s at step %d", resume_from, self.start_step)
         self._fault_nan_steps = _fault_steps("DUDE_FAULT_NAN_STEPS")
         self.layer_grads = LayerGradNorms(self.engine.module, self.rank, self.world)
+        self._keep_logits = accepts_logits_to_keep(self.engine.module)
         self._step = self.start_step
         self._stop_requested = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -275,11 +276,7 @@ class Trainer:
         return out
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                               ignore_index=-100, reduction="sum")
-        return loss, int((labels != -100).sum())
+        return token_loss_sum(self.engine, batch, self._keep_logits)
 
     def forward_backward(self, step: int, micro_batches: list[dict[str, torch.Tensor]]
                          ) -> tuple[float, int, int, list[int]]:

@@ -164,3 +164,32 @@ def test_layer_grad_norms_match_the_gradients_and_name_the_culprit(monkeypatch):
         assert torch.isfinite(model.down.magnitude.grad).all() == finite
         assert probe.worst().startswith("largest gradient norm" if finite else
                                         "layer down has a non-finite gradient (1 of 2 layers non-finite)")
+
+
+def test_loss_from_labelled_positions_only_equals_the_full_logits_loss(stories_path):
+    from transformers import AutoModelForCausalLM
+
+    from dude_dist import DudeConfig, apply_dude
+    from dude_dist.evaluate import token_loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(stories_path, dtype=torch.float64)
+    apply_dude(model, DudeConfig(rank=4))
+    ids = torch.randint(3, 500, (3, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2, 30:] = 0  # right padding
+    labels = ids.clone()
+    labels[0, :25] = labels[1, :12] = -100  # prompts of different lengths
+    labels[2, :] = -100  # a sample with no target at all
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    results = {}
+    for keep in (False, True):
+        model.zero_grad()
+        loss, count = token_loss_sum(model, batch, keep_logits=keep)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        results[keep] = (loss.item(), count, grads)
+    assert results[True][1] == results[False][1] == (39 - 24) + (39 - 11)
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-12)
+    assert torch.allclose(results[True][2], results[False][2], rtol=1e-10, atol=1e-14)
+    empty = {**batch, "labels": torch.full_like(labels, -100)}
+    assert token_loss_sum(model, empty)[1] == 0 and token_loss_sum(model, empty)[0].item() == 0.0
