@@ -6,7 +6,8 @@ Every rank runs the same steps over the same deterministic plan:
    its SVD cost.
 2. **Gather to the owner only**: under ZeRO-3 every rank holds a flat 1/P shard of
    ``W0``; the owner alone receives the whole matrix (``gather``, not ``all_gather``).
-3. **Factor** on the owner, in float32.
+3. **Factor** on the owner, in float32. Layers go in rounds, one per rank, so every rank
+   factorises at the same time (:meth:`InitPlan.rounds`).
 4. **Broadcast factors**: ``A0 [r, in]``, ``B0 [out, r]``, ``m0 [out]`` - that is
    ``r * (in + out) + out`` numbers instead of the ``out * in`` of the residual.
    Every rank then subtracts ``B0 A0`` from *its own shard* of ``W0``, which is the
@@ -92,6 +93,17 @@ class InitPlan:
 
     def layers_of(self, rank: int) -> list[str]:
         return [name for name, owner in self.owners.items() if owner == rank]
+
+    def rounds(self) -> list[list[str]]:
+        """Round ``k`` holds the ``k``-th most costly layer of each rank (rank order).
+
+        Ranks factorise one layer each per round, all at once; under LPT the layers of a
+        round have similar costs, so little time is lost waiting at its broadcasts.
+        """
+        order = {name: i for i, name in enumerate(self.owners)}
+        per_rank = [sorted(self.layers_of(r), key=lambda n: (-self.cost[n], order[n])) for r in range(len(self.load))]
+        depth = max((len(names) for names in per_rank), default=0)
+        return [[names[k] for names in per_rank if k < len(names)] for k in range(depth)]
 
 
 def plan_init(shapes: dict[str, tuple[int, int]], world_size: int, cfg: DudeConfig) -> InitPlan:
@@ -305,33 +317,13 @@ def init_dude_layers(
     svd_seconds = 0.0
     factors: dict[str, torch.Tensor] = {}
     broadcast_start = comm.bytes_broadcast
-    for i, (name, layer) in enumerate(layers.items()):
+    done = 0
+
+    def finish(name: str, lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor) -> None:
+        """Every rank: residual and row norms of its own shard, then the layer's parameters."""
+        nonlocal done
+        layer = layers[name]
         out_f, in_f = shapes[name]
-        device = layer.lora_a.device
-        if use_cache:
-            lora_a = cached[f"{name}.lora_a"].to(device=device, dtype=torch.float32)
-            lora_b = cached[f"{name}.lora_b"].to(device=device, dtype=torch.float32)
-            magnitude = cached[f"{name}.magnitude"].to(device=device, dtype=torch.float32)
-        else:
-            owner = plan.owners[name]
-            full = gather_to_owner(layer.weight, owner, comm)
-            lora_a = torch.empty(cfg.rank, in_f, device=device, dtype=torch.float32)
-            lora_b = torch.empty(out_f, cfg.rank, device=device, dtype=torch.float32)
-            magnitude = torch.empty(out_f, device=device, dtype=torch.float32)
-            if comm.rank == owner:
-                t = time.perf_counter()
-                fac = factorize(full, cfg.rank, variant=cfg.variant, method=cfg.svd, name=name,
-                                seed=cfg.seed, oversample=cfg.svd_oversample, niter=cfg.svd_niter)
-                lora_a.copy_(fac.lora_a)
-                lora_b.copy_(fac.lora_b)
-                magnitude.copy_(_owner_magnitude(full, fac.lora_a, fac.lora_b))
-                svd_seconds += time.perf_counter() - t
-                stats.svd_count += 1
-                stats.energy[name] = fac.energy
-                del full
-            comm.broadcast(lora_a, owner)
-            comm.broadcast(lora_b, owner)
-            comm.broadcast(magnitude, owner)
         shard, start = local_shard(layer.weight)
         subtract_low_rank(shard, start, in_f, lora_a, lora_b)
         sq = shard_row_sq_norm(shard, start, out_f, in_f)
@@ -342,10 +334,47 @@ def init_dude_layers(
         layer.lora_b.data.copy_(lora_b)
         layer.magnitude.data.copy_(magnitude)
         factors[f"{name}.lora_a"], factors[f"{name}.lora_b"], factors[f"{name}.magnitude"] = lora_a, lora_b, magnitude
-        itemsize = layer.weight.element_size()
-        stats.bytes_residual_broadcast += out_f * in_f * itemsize
-        if (i + 1) % 16 == 0 or i + 1 == len(layers):
-            logger.info("init: %d/%d layers done (%.1f s)", i + 1, len(layers), time.perf_counter() - t0)
+        stats.bytes_residual_broadcast += out_f * in_f * layer.weight.element_size()
+        done += 1
+        if done % 16 == 0 or done == len(layers):
+            logger.info("init: %d/%d layers done (%.1f s)", done, len(layers), time.perf_counter() - t0)
+
+    if use_cache:
+        for name, layer in layers.items():
+            device = layer.lora_a.device
+            finish(name, *(cached[f"{name}.{key}"].to(device=device, dtype=torch.float32)
+                           for key in ("lora_a", "lora_b", "magnitude")))
+    else:
+        # Rounds: round k holds the k-th layer of every rank, so all ranks factorise at the
+        # same time; only the cheap gathers and broadcasts are one layer after another.
+        for names in plan.rounds():
+            full: dict[str, torch.Tensor] = {}
+            for name in names:
+                weight = gather_to_owner(layers[name].weight, plan.owners[name], comm)
+                if weight is not None:
+                    full[name] = weight
+            mine: dict[str, tuple[torch.Tensor, ...]] = {}
+            for name, weight in full.items():
+                t = time.perf_counter()
+                fac = factorize(weight, cfg.rank, variant=cfg.variant, method=cfg.svd, name=name,
+                                seed=cfg.seed, oversample=cfg.svd_oversample, niter=cfg.svd_niter)
+                mine[name] = (fac.lora_a, fac.lora_b, _owner_magnitude(weight, fac.lora_a, fac.lora_b))
+                svd_seconds += time.perf_counter() - t
+                stats.svd_count += 1
+                stats.energy[name] = fac.energy
+            del full
+            for name in names:
+                out_f, in_f = shapes[name]
+                device = layers[name].lora_a.device
+                owned = mine.pop(name, None)
+                parts = [torch.empty(cfg.rank, in_f, device=device, dtype=torch.float32),
+                         torch.empty(out_f, cfg.rank, device=device, dtype=torch.float32),
+                         torch.empty(out_f, device=device, dtype=torch.float32)]
+                for part, value in zip(parts, owned or (None,) * 3):
+                    if value is not None:
+                        part.copy_(value)
+                    comm.broadcast(part, plan.owners[name])
+                finish(name, *parts)
 
     stats.bytes_broadcast = comm.bytes_broadcast - broadcast_start
     stats.bytes_gathered = comm.bytes_gathered

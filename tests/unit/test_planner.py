@@ -107,6 +107,26 @@ def test_plan_for_equal_layers_splits_evenly():
     assert plan.load[0] == plan.load[1]
 
 
+def test_init_rounds_give_each_rank_one_layer_at_a_time_largest_first():
+    shapes = {}
+    for i in range(5):  # 5 layers of 3 shapes: uneven counts per rank
+        shapes[f"layers.{i}.q_proj"] = (256, 256)
+        shapes[f"layers.{i}.v_proj"] = (64, 256)
+        shapes[f"layers.{i}.up_proj"] = (512, 256)
+    for world in (1, 2, 3, 4):
+        plan = plan_init(shapes, world, DudeConfig())
+        rounds = plan.rounds()
+        flat = [n for names in rounds for n in names]
+        assert sorted(flat) == sorted(shapes)  # every layer exactly once
+        for names in rounds:
+            owners = [plan.owners[n] for n in names]
+            assert owners == sorted(set(owners))  # at most one layer per rank, in rank order
+        for r in range(world):
+            costs = [plan.cost[n] for names in rounds for n in names if plan.owners[n] == r]
+            assert costs == sorted(costs, reverse=True)
+        assert len(rounds) == max(len(plan.layers_of(r)) for r in range(world))
+
+
 def test_activations_scale_with_tokens_and_checkpointing_saves_memory():
     facts, _, _, _ = built("Qwen/Qwen2.5-7B")
     one = activation_bytes(facts, 1, 512, 2, 1000)
