@@ -190,7 +190,25 @@ def write_results(name: str, *, title: str, settings: dict[str, Any], tables: di
     md_path.write_text("\n".join(parts))
     print("\n".join(parts))
     print(f"wrote {json_path.relative_to(ROOT)} and {md_path.relative_to(ROOT)}")
+    if update_readme(name):
+        print(f"updated the results/{name}.md block of benchmarks/README.md")
     return json_path, md_path
+
+
+def update_readme(name: str) -> bool:
+    """Paste ``results/<name>.md`` between its BEGIN/END markers in benchmarks/README.md, if it has them."""
+    readme = Path(__file__).resolve().parent / "README.md"
+    begin, end = f"<!-- BEGIN results/{name}.md -->", f"<!-- END results/{name}.md -->"
+    if not readme.is_file():
+        return False
+    text = readme.read_text()
+    if begin not in text or end not in text:
+        return False
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    table = (RESULTS / f"{name}.md").read_text().strip()
+    readme.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
+    return True
 
 
 def free_port() -> int:

@@ -25,7 +25,9 @@ Implementations:
 * ``peft_lora`` / ``peft_dora``: ``peft`` ``LoraConfig(r, lora_alpha=r, use_dora=...)``
   injected into a module holding one ``nn.Linear``;
 * ``dude_exact`` / ``dude_detach``: :class:`dude_dist.dude.DudeLinear` with
-  ``norm_grad`` exact (the paper's gradient through the row norm) or detached.
+  ``norm_grad`` exact (the paper's gradient through the row norm) or detached;
+* ``dude_recompute``: ``dude_exact`` with ``recompute=True`` (``adapter.recompute``): the
+  pre-scale output is rebuilt in backward instead of saved.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from benchmarks.common import mib, time_once, wait_for_quiet, write_results  # n
 from dude_dist.dude import DudeLinear  # noqa: E402
 
 SHAPES = {"4096x4096": (4096, 4096), "v_proj 1024x4096": (1024, 4096)}
-IMPLS = ("lora", "peft_lora", "peft_dora", "dude_exact", "dude_detach")
+IMPLS = ("lora", "peft_lora", "peft_dora", "dude_exact", "dude_detach", "dude_recompute")
 
 
 class LoraLinear(nn.Module):
@@ -96,7 +98,9 @@ def build(impl: str, out_f: int, in_f: int, rank: int, device: str, dtype: torch
         return LoraLinear(weight, lora_a, lora_b)
     if impl in ("peft_lora", "peft_dora"):
         return build_peft(weight, rank, use_dora=impl == "peft_dora")
-    layer = DudeLinear(in_f, out_f, rank, norm_grad=impl.split("_", 1)[1], device=device, dtype=dtype)
+    mode = impl.split("_", 1)[1]
+    layer = DudeLinear(in_f, out_f, rank, norm_grad="exact" if mode == "recompute" else mode,
+                       recompute=mode == "recompute", device=device, dtype=dtype)
     layer.init_dude(weight, lora_a, lora_b)
     return layer
 

@@ -1,7 +1,8 @@
 """End-to-end training throughput on 2 CPU ranks: dude_dist vs HF Trainer + PEFT (DoRA+PiSSA, LoRA).
 
-    python benchmarks/train.py                      # both model sizes (~5 min on 2 cores)
-    python benchmarks/train.py --sizes stories260K  # the real tiny model only (~2 min)
+    python benchmarks/train.py                          # both model sizes, one run each (~5 min, 2 idle cores)
+    python benchmarks/train.py --repeats 3              # medians of 3 rounds (a shared machine)
+    python benchmarks/train.py --sizes stories260K      # the real tiny model only (~2 min)
 
 Three systems, each launched with ``torchrun --nproc_per_node 2`` (one thread per rank),
 DeepSpeed ZeRO-3 with the same config (``dude_dist.zero.build_ds_config`` of the same run
@@ -176,6 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps-large", type=int, default=12, help="optimizer steps for llama-h512-l4")
     p.add_argument("--skip", type=int, default=5, help="first steps left out of tokens/s (stories260K)")
     p.add_argument("--skip-large", type=int, default=3, help="first steps left out of tokens/s (llama-h512-l4)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per system, in rounds with a rotating order; the table gives medians")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     p.add_argument("--work-dir", default=None, help="run folders (default: a temp dir)")
     p.add_argument("--timeout", type=float, default=600)
@@ -188,42 +191,52 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
-    records: dict[str, dict[str, dict]] = {}
+    records: dict[str, dict[str, list[dict]]] = {}
     tables = {}
     for size in args.sizes:
         if size == "stories260K":
             model, steps, skip = STORIES, args.steps, args.skip
         else:
             model, steps, skip = build_llama_h512(work / "llama-h512-l4"), args.steps_large, args.skip_large
-        records[size] = {}
-        for system in args.systems:
-            out = work / f"{size}-{system}"
-            shutil.rmtree(out, ignore_errors=True)
-            busy = wait_for_quiet(timeout=args.wait_quiet)
-            if system == "dude_dist":
-                rec = run_dude(model, out, steps, args.timeout)
-            else:
-                rec = run_hf(system.removeprefix("peft_"), model, out, steps, args.timeout)
-            rec["tokens_per_s"], rec["median_step_s"], rec["tokens_per_cpu_s"] = steady(rec, skip)
-            rec["skip"] = skip
-            rec["cpu_busy_before"] = busy
-            records[size][system] = rec
-            print(f"{size} {system}: {rec['tokens_per_s']:.0f} tok/s (steps {skip + 1}-{steps}), "
-                  f"start-up {rec['startup_seconds']:.1f}s, peak RSS {mib(rec['peak_rss_sum']):.0f} MiB", flush=True)
-        recs = records[size]
-        same = len({tuple(r["tokens_per_step"]) for r in recs.values()}) == 1
+        runs: dict[str, list[dict]] = {system: [] for system in args.systems}
+        for r in range(args.repeats):  # rounds; the order of the systems rotates so load hits them alike
+            order = args.systems[r % len(args.systems):] + args.systems[: r % len(args.systems)]
+            for system in order:
+                out = work / f"{size}-{system}-{r}"
+                shutil.rmtree(out, ignore_errors=True)
+                busy = wait_for_quiet(timeout=args.wait_quiet)
+                if system == "dude_dist":
+                    rec = run_dude(model, out, steps, args.timeout)
+                else:
+                    rec = run_hf(system.removeprefix("peft_"), model, out, steps, args.timeout)
+                rec["tokens_per_s"], rec["median_step_s"], rec["tokens_per_cpu_s"] = steady(rec, skip)
+                rec["skip"] = skip
+                rec["cpu_busy_before"] = busy
+                runs[system].append(rec)
+                print(f"{size} {system} run {r} (CPU {busy:.0%} busy before): {rec['tokens_per_s']:.0f} tok/s, "
+                      f"{rec['tokens_per_cpu_s']:.0f} tok/CPU-s (steps {skip + 1}-{steps}), "
+                      f"start-up {rec['startup_seconds']:.1f}s, peak RSS {mib(rec['peak_rss_sum']):.0f} MiB", flush=True)
+        records[size] = runs
+        med = {system: {key: statistics.median(run[key] for run in recs)
+                        for key in ("tokens_per_s", "tokens_per_cpu_s", "median_step_s", "load_seconds",
+                                    "adapter_init_seconds", "startup_seconds", "peak_rss_rank", "peak_rss_sum")}
+               for system, recs in runs.items()}
+        same = len({tuple(run["tokens_per_step"]) for recs in runs.values() for run in recs}) == 1
         rows = []
-        for system, rec in recs.items():
-            dora, lora = recs.get("peft_dora_pissa"), recs.get("peft_lora")
-            rows.append([system, rec["tokens_per_s"], rec["tokens_per_s"] / dora["tokens_per_s"] if dora else None,
-                         rec["tokens_per_s"] / lora["tokens_per_s"] if lora else None, rec["median_step_s"] * 1e3,
-                         rec["tokens_per_cpu_s"], rec["tokens_per_cpu_s"] / dora["tokens_per_cpu_s"] if dora else None,
-                         rec["tokens_per_cpu_s"] / lora["tokens_per_cpu_s"] if lora else None,
-                         rec["load_seconds"], rec["adapter_init_seconds"], rec["startup_seconds"],
-                         mib(rec["peak_rss_rank"]), mib(rec["peak_rss_sum"]), rec["losses"][0], rec["losses"][-1]])
-        tables[f"{size}: {steps} steps, tokens/s over steps {skip + 1}-{steps}; "
+        for system, m in med.items():
+            dora, lora = med.get("peft_dora_pissa"), med.get("peft_lora")
+            tps = [run["tokens_per_s"] for run in runs[system]]
+            rows.append([system, m["tokens_per_s"], f"{min(tps):.0f}–{max(tps):.0f}",
+                         m["tokens_per_s"] / dora["tokens_per_s"] if dora else None,
+                         m["tokens_per_s"] / lora["tokens_per_s"] if lora else None, m["median_step_s"] * 1e3,
+                         m["tokens_per_cpu_s"], m["tokens_per_cpu_s"] / dora["tokens_per_cpu_s"] if dora else None,
+                         m["tokens_per_cpu_s"] / lora["tokens_per_cpu_s"] if lora else None,
+                         m["load_seconds"], m["adapter_init_seconds"], m["startup_seconds"],
+                         mib(m["peak_rss_rank"]), mib(m["peak_rss_sum"]), runs[system][0]["losses"][0],
+                         runs[system][0]["losses"][-1]])
+        tables[f"{size}: {steps} steps, tokens/s over steps {skip + 1}-{steps}, median of {args.repeats} run(s); "
                f"same tokens per step in every system: {'yes' if same else 'NO'}"] = (
-            ["system", "tokens/s", "× peft_dora_pissa", "× peft_lora", "median step ms", "tokens/CPU-s",
+            ["system", "tokens/s", "range", "× peft_dora_pissa", "× peft_lora", "median step ms", "tokens/CPU-s",
              "× peft_dora_pissa (CPU)", "× peft_lora (CPU)", "model load s",
              "adapter init s", "start-up s", "peak RSS / rank MiB", "peak RSS 2 ranks MiB", "loss step 1",
              "loss last"], rows)

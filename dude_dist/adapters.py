@@ -66,7 +66,8 @@ def inject_dude(model: nn.Module, cfg: DudeConfig, names: list[str]) -> dict[str
         device, dtype = linear.weight.device, linear.weight.dtype
         # Built on the meta device so no [out, in] tensor is allocated only to be replaced.
         dude = DudeLinear(linear.in_features, linear.out_features, cfg.rank,
-                          bias=linear.bias is not None, norm_grad=cfg.norm_grad, device="meta", dtype=dtype)
+                          bias=linear.bias is not None, norm_grad=cfg.norm_grad, recompute=cfg.recompute,
+                          device="meta", dtype=dtype)
         dude.weight = linear.weight
         dude.weight.requires_grad_(False)
         if linear.bias is not None:

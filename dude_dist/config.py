@@ -60,6 +60,10 @@ class DudeConfig:
         svd: ``exact`` (``torch.linalg.svd``) or ``randomized``.
         norm_grad: ``exact`` differentiates through the row norm (paper Eq. 8-9);
             ``detach`` treats it as a constant in backward (DoRA's memory trick).
+        recompute: recompute the pre-scale output ``[tokens, out]`` in backward instead of
+            keeping it: the layer then keeps what LoRA keeps (its input and ``x A^T``) for
+            one more ``[tokens, in] x [in, out]`` matmul in backward. For long sequences
+            without activation checkpointing.
         svd_oversample: extra columns of the randomized range finder.
         svd_niter: power iterations of the randomized range finder.
         seed: mixed with each layer name to seed the randomized SVD.
@@ -70,6 +74,7 @@ class DudeConfig:
     variant: str = "dude"
     svd: str = "exact"
     norm_grad: str = "exact"
+    recompute: bool = False
     svd_oversample: int = 16
     svd_niter: int = 4
     seed: int = 0

@@ -34,12 +34,18 @@ class DudeLinear(nn.Module):
     ``norm_grad="detach"`` treats ``n`` as a constant in backward (DoRA §4.3), which
     drops the ``W_f A^T`` term from the backward graph.
 
+    The magnitude's gradient needs the pre-scale output ``z = x W_f^T + (x A^T) B^T``
+    (``[tokens, out]``). ``recompute=True`` keeps only ``x`` and ``x A^T`` (what LoRA
+    keeps) and rebuilds ``z`` in backward (:class:`_ScaledLowRankLinear`): one more
+    ``[tokens, in] x [in, out]`` matmul for ``tokens * out`` fewer saved numbers.
+
     Args:
         in_features: input size.
         out_features: output size.
         rank: rank ``r`` of the update.
         bias: whether the layer carries a (frozen) bias.
         norm_grad: ``exact`` or ``detach``.
+        recompute: rebuild the pre-scale output in backward instead of saving it.
         eps: lower bound on ``n^2``; a zero row gives a zero output, never NaN.
         device: where to allocate.
         dtype: parameter dtype (the model's).
@@ -56,6 +62,7 @@ class DudeLinear(nn.Module):
         *,
         bias: bool = False,
         norm_grad: str = "exact",
+        recompute: bool = False,
         eps: float = 1e-12,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -70,6 +77,7 @@ class DudeLinear(nn.Module):
         self.out_features = out_features
         self.rank = rank
         self.norm_grad = norm_grad
+        self.recompute = recompute
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
@@ -87,6 +95,7 @@ class DudeLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}, norm_grad={self.norm_grad}"
+            + (", recompute=True" if self.recompute else "")
         )
 
     def adapter_params(self) -> list[str]:
@@ -145,8 +154,11 @@ class DudeLinear(nn.Module):
         if self.norm_grad == "detach":
             norm = norm.detach()
         scale = (self.magnitude.to(norm.dtype) / norm).to(x.dtype)  # [out]
-        out = F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_a), self.lora_b)
-        out = out * scale
+        if self.recompute and torch.is_grad_enabled():
+            out = _ScaledLowRankLinear.apply(x, self.weight, self.lora_a, self.lora_b, scale)
+        else:
+            out = F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_a), self.lora_b)
+            out = out * scale
         if self.bias is not None:
             out = out + self.bias
         return out
@@ -173,6 +185,46 @@ class DudeLinear(nn.Module):
         scale = (self.magnitude.to(cdtype) / self.row_norm())[:, None]
         full = self.weight.to(cdtype) + self.lora_b.to(cdtype) @ self.lora_a.to(cdtype)
         return (full * scale).to(self.weight.dtype)
+
+
+class _ScaledLowRankLinear(torch.autograd.Function):
+    """``y = (x W_f^T + (x A^T) B^T) * scale`` that saves ``x`` and ``x A^T`` only.
+
+    Backward, with ``g`` the output gradient and ``gz = g * scale``::
+
+        z       = x W_f^T + (x A^T) B^T          (rebuilt: the extra matmul)
+        d scale = sum over tokens of g * z
+        d x     = gz W_f + (gz B) A
+        d A     = (gz B)^T x,   d B = gz^T (x A^T)
+
+    ``W_f`` is frozen: no gradient is formed for it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scale):
+        xa = F.linear(x, lora_a)  # [..., r]
+        z = F.linear(x, weight) + F.linear(xa, lora_b)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, scale, xa)
+        return z * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b, scale, xa = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        x2, xa2 = x.reshape(-1, x.shape[-1]), xa.reshape(-1, xa.shape[-1])
+        gz = g2 * scale
+        gzb = gz @ lora_b  # [tokens, r]
+        grad_x = grad_a = grad_b = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (gz @ weight + gzb @ lora_a).view(x.shape)
+        if ctx.needs_input_grad[2]:
+            grad_a = gzb.T @ x2
+        if ctx.needs_input_grad[3]:
+            grad_b = gz.T @ xa2
+        if ctx.needs_input_grad[4]:
+            z = x2 @ weight.T + xa2 @ lora_b.T
+            grad_scale = (g2 * z).sum(0)
+        return grad_x, None, grad_a, grad_b, grad_scale
 
 
 def row_sq_norm(weight: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:

@@ -151,6 +151,41 @@ def test_no_out_by_in_tensor_is_saved_for_backward(norm_grad):
     assert (OUT, IN) in caught, f"the check failed to see the reference's [out, in] tensors: {caught}"
 
 
+@pytest.mark.parametrize("norm_grad", ["exact", "detach"])
+def test_recompute_keeps_what_lora_keeps_with_the_same_gradients(norm_grad):
+    layer = make_layer(norm_grad=norm_grad).double()
+    gen = torch.Generator().manual_seed(3)
+    tokens = 400  # many tokens: [tokens, out] outweighs everything else the layer keeps
+    x0 = torch.randn(4, tokens // 4, IN, generator=gen, dtype=torch.float64)
+    g = torch.randn(4, tokens // 4, OUT, generator=gen, dtype=torch.float64)
+    results = {}
+    for recompute in (False, True):
+        layer.recompute = recompute
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(t, params=params, saved=saved):
+            if t.untyped_storage().data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x)
+        (y * g).sum().backward()
+        grads = {n: getattr(layer, n).grad.clone() for n in layer.adapter_params()}
+        results[recompute] = (y.detach(), grads, x.grad.clone(), sum(saved.values()))
+    (y0, g0, gx0, bytes0), (y1, g1, gx1, bytes1) = results[False], results[True]
+    assert torch.allclose(y0, y1, rtol=1e-13, atol=1e-13)
+    assert all(torch.allclose(g0[k], g1[k], rtol=1e-11, atol=1e-12) for k in g0), max_diff(g0, g1)
+    assert torch.allclose(gx0, gx1, rtol=1e-11, atol=1e-12)
+    lora_keeps = 8 * tokens * (IN + RANK)  # x and x A^T, float64
+    assert bytes1 <= lora_keeps + 8 * 4 * OUT * RANK, (bytes1, lora_keeps)  # plus [out]/[out, r]-sized pieces
+    assert bytes0 >= lora_keeps + 8 * tokens * OUT  # the default keeps the pre-scale output too
+    assert "recompute=True" in repr(layer)
+
+
 # --------------------------------------------------------------------------- robustness
 
 
