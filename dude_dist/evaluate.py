@@ -300,7 +300,6 @@ def run_eval(model: Any, tokenizer: Any, cfg: EvalConfig, *, synced_gpus: bool =
 # --------------------------------------------------------------------------- loss
 
 
-@torch.no_grad()
 def accepts_logits_to_keep(model: Any) -> bool:
     """Whether ``model.forward`` takes ``logits_to_keep`` (transformers' causal LMs do)."""
     import inspect
@@ -332,6 +331,7 @@ def token_loss_sum(forward, batch: dict[str, torch.Tensor], keep_logits: bool = 
     return loss, int((labels != IGNORE_INDEX).sum())
 
 
+@torch.no_grad()
 def eval_loss(model: Any, dataset: Sequence[dict], pad_token_id: int, batch_size: int) -> dict[str, float]:
     """Mean next-token cross-entropy over labelled tokens (token-weighted, not per batch).
 

@@ -178,3 +178,10 @@ def test_eval_loss_is_token_weighted_and_matches_the_model(model, tokenizer, dat
     assert whole["loss"] == pytest.approx(expected, rel=1e-5)
     assert whole["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
     assert eval_loss(model, dataset, pad, batch_size=1)["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    grad_modes = []  # held-out loss builds no autograd graph
+    handle = model.register_forward_hook(lambda module, args, out: grad_modes.append(torch.is_grad_enabled()))
+    try:
+        eval_loss(model, [dataset[0]], pad, batch_size=1)
+    finally:
+        handle.remove()
+    assert grad_modes == [False]
