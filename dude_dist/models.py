@@ -93,8 +93,6 @@ def convert_gguf(path: str, gguf_file: str) -> Path | None:
         return None
     if (folder / GGUF_DONE).is_file():
         return folder
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f"{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -104,23 +102,33 @@ def convert_gguf(path: str, gguf_file: str) -> Path | None:
         logger.info("converting %s once into %s (later runs load the folder)", Path(path) / gguf_file, folder)
         tmp = folder.parent / f"{folder.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
-        # save_pretrained refuses a model loaded from GGUF; the de-quantised weights are
-        # plain tensors, so write them (tied ones once) with the config minus the GGUF origin.
-        from safetensors.torch import save_model
-
-        tmp.mkdir(parents=True)
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save_pretrained(tmp)
-        (tmp / GGUF_DONE).write_text(json.dumps({"source": str(Path(path, gguf_file).resolve())}))
+        try:
+            _write_converted(path, gguf_file, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed conversion leaves no half folder
+            raise
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         logger.info("converted in %.1f s", time.perf_counter() - t0)
     return folder
+
+
+def _write_converted(path: str, gguf_file: str, out: Path) -> None:
+    """De-quantise ``path/gguf_file`` and write it to ``out`` as a Hugging Face folder."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
+    # save_pretrained refuses a model loaded from GGUF; the de-quantised weights are plain
+    # tensors, so write them (tied ones once) with the config minus the GGUF origin.
+    out.mkdir(parents=True)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(out)
+    (out / GGUF_DONE).write_text(json.dumps({"source": str(Path(path, gguf_file).resolve())}))
 
 
 def _source(cfg: ModelConfig, convert: bool) -> tuple[str, dict]:

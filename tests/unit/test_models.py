@@ -46,3 +46,26 @@ def test_gguf_cache_folder_is_none_for_a_file_that_is_not_local(tmp_path):
     first = gguf_cache_folder(str(tmp_path), "m.gguf")
     (tmp_path / "m.gguf").write_bytes(b"xy")  # another file at the same path: another folder
     assert gguf_cache_folder(str(tmp_path), "m.gguf") != first
+
+
+def test_failed_gguf_conversion_leaves_no_folder_behind(tmp_path, monkeypatch):
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dude_dist.models import convert_gguf
+
+    class FullDisk:
+        def save_pretrained(self, out):
+            raise OSError(28, "No space left on device")
+
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: FullDisk())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny)
+    monkeypatch.setenv("DUDE_DIST_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "m.gguf").write_bytes(b"gguf")
+    with pytest.raises(OSError, match="No space left"):  # the weights were written, then the disk filled
+        convert_gguf(str(src), "m.gguf")
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir()] == []  # nothing half-written
