@@ -8,8 +8,9 @@ import re
 import torch
 from torch import nn
 
-from dude_dist.config import ConfigError, DudeConfig
+from dude_dist.config import DudeConfig
 from dude_dist.dude import DudeLinear
+from dude_dist.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

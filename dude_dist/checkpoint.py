@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dude_dist.config import DudeError
+from dude_dist.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +41,6 @@ PARTIAL = ".partial"
 META = "meta.json"
 LATEST = "latest"
 
-
-class CheckpointError(DudeError, RuntimeError):
-    """A checkpoint that cannot or must not be loaded; the message names the file."""
 
 
 def _barrier() -> None:

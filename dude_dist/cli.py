@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from dude_dist.config import DudeError
+from dude_dist.errors import DudeError
 
 
 def base_parser(doc: str | None) -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from dude_dist.errors import ConfigError, DudeError  # noqa: F401  (DudeError re-exported)
 from dude_dist.svd_init import SVD_METHODS, VARIANTS
 
 NORM_GRADS = ("exact", "detach")
@@ -28,15 +29,6 @@ FORMATS = ("gsm8k", "metamathqa", "commonsense", "alpaca", "chat")
 GSM8K_PROMPT_FORMATS = ("gsm8k", "metamathqa", "commonsense", "alpaca")
 
 
-class DudeError(Exception):
-    """Base of the errors a user can act on (bad config, data, model path, checkpoint).
-
-    Entry points print these as one line and exit non-zero, without a traceback.
-    """
-
-
-class ConfigError(DudeError, ValueError):
-    """A configuration value that cannot be used; the message says where it came from."""
 
 
 def _check(cond: bool, key: str, message: str) -> None:

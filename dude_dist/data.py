@@ -32,16 +32,14 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from dude_dist.config import DataConfig, DudeError
+from dude_dist.config import DataConfig
+from dude_dist.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
-
-class DataError(DudeError, ValueError):
-    """Data that cannot be used; the message names the source (file:line, field, config key)."""
 
 
 # --------------------------------------------------------------------------- loading

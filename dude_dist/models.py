@@ -25,15 +25,13 @@ from pathlib import Path
 
 import torch
 
-from dude_dist.config import DudeError, ModelConfig
+from dude_dist.config import ModelConfig
+from dude_dist.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-
-class ModelLoadError(DudeError, ValueError):
-    """The configured model cannot be loaded; the message says which key and why."""
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dude_dist.config import DudeConfig, DudeError, RunConfig, batch_layout
+from dude_dist.config import DudeConfig, RunConfig, batch_layout
+from dude_dist.errors import PlanError
 from dude_dist.sharded_init import plan_init
 from dude_dist.svd_init import factorize, svd_cost
 
@@ -53,9 +54,6 @@ FP32_GRAD_BYTES = 4
 SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's zero_optimization.sub_group_size default
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 
-
-class PlanError(DudeError, ValueError):
-    """The planner cannot find or use the model facts; the message says what to pass."""
 
 
 # --------------------------------------------------------------------------- model facts

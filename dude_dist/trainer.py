@@ -43,8 +43,9 @@ import torch.distributed as dist
 
 from dude_dist import checkpoint as ckpt_lib
 from dude_dist.adapters import get_dude_layers, inject_and_init
-from dude_dist.config import DudeError, RunConfig, batch_layout, config_to_dict
+from dude_dist.config import RunConfig, batch_layout, config_to_dict
 from dude_dist.distributed import DistEnv, init_distributed
+from dude_dist.errors import DudeError, TrainingError
 from dude_dist.evaluate import accepts_logits_to_keep, token_loss_sum
 from dude_dist.layer_grads import LayerGradNorms
 from dude_dist.models import load_model, load_tokenizer
@@ -58,9 +59,6 @@ logger = logging.getLogger(__name__)
 RESUME_KEYS = ("model.name_or_path", "model.revision", "model.gguf_file", "adapter.targets", "adapter.rank",
                "adapter.variant", "adapter.svd", "adapter.seed")
 
-
-class TrainingError(DudeError, RuntimeError):
-    """The run cannot go on; the message says why and what was kept."""
 
 
 def _lookup(cfg_dict: dict, dotted: str):
