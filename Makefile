@@ -1,5 +1,7 @@
 # make demo : set up .venv (idempotent) and run the CPU demo (configs/demo_cpu.yaml)
-# make test : set up .venv (idempotent) and run the test suite
+# make test : set up .venv (idempotent), install the system packages the tests use when this
+#             machine allows it (tests/system_deps.sh: root + apt-get), and run the test suite
+# make mutation : mutation testing of the core modules against the fast tests (slow; not in CI)
 # make lint : ruff
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -24,6 +26,7 @@ demo: venv
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --config configs/demo_cpu.yaml --resume none
 
 test: venv
+	bash tests/system_deps.sh
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=1 $(PY) -m pytest tests $(PYTEST_ARGS)
 
 lint: venv

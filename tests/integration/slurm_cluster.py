@@ -4,36 +4,28 @@
         job = cluster.sbatch(["--ntasks", "2", "launch/slurm/train.sbatch", "configs/tiny_cpu.yaml"])
         info = cluster.wait(job, {"COMPLETED"}, timeout=300)
 
-Needs root and the Debian/Ubuntu packages ``slurmctld slurmd slurm-client munge`` (``.ci/run``
-installs them). The daemons run in the foreground as children of the test process, on free
-ports and with their own munge socket, so they touch nothing outside the directory and a system
-SLURM (if any) is left alone.
+Needs root and the Debian/Ubuntu packages ``slurmctld slurmd slurm-client munge``
+(``tests/system_deps.sh`` installs them; ``make test`` runs it). The daemons run in the
+foreground as children of the test process, on free ports and with their own munge socket, so
+they touch nothing outside the directory and a system SLURM (if any) is left alone.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
-from tests.helpers import free_port
+from tests.helpers import free_port, skip_or_fail, which
 
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
-INSTALL = "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge"
+INSTALL = "bash tests/system_deps.sh (apt-get install slurmctld slurmd slurm-client munge); make test runs it"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                 "BOOT_FAIL", "DEADLINE"}
-
-
-def which(name: str) -> str | None:
-    """``shutil.which`` that also looks in the sbin directories (daemons live there; a user's PATH may lack them)."""
-    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"]))
 
 
 def require_slurm() -> None:
@@ -45,9 +37,7 @@ def require_slurm() -> None:
     elif os.geteuid() != 0:
         reason = "the test SLURM cluster runs slurmd as root (it starts job processes as their user)"
     if reason:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_or_fail(reason)
 
 
 class SlurmCluster:

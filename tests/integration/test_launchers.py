@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
 from dude_dist.checkpoint import META, find_resume
-from tests.helpers import BIN, PY, free_port, reference_run, run_together, step_metrics, summary, train_args
+from tests.helpers import BIN, PY, free_port, reference_run, require, run_together, step_metrics, summary, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -67,9 +66,7 @@ def test_torchrun_two_nodes(tmp_path):
 
 
 def test_mpirun(tmp_path):
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        pytest.fail("mpirun not found: install Open MPI (apt-get install openmpi-bin libopenmpi-dev; .ci/run does)")
+    mpirun = require("mpirun")
     out = tmp_path / "run"
     # --oversubscribe: Open MPI counts cores as slots and refuses 2 ranks on a 1-core runner;
     # --bind-to none: leave placement to the OS (by default each rank is pinned to one core).

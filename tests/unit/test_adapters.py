@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3C
 
 from dude_dist import DudeConfig, DudeLinear, apply_dude, merge_dude
 from dude_dist.adapters import dude_state_dict, find_targets, get_dude_layers, load_dude_state_dict
+from tests.helpers import require
 
 VOCAB = 128
 TINY = dict(
@@ -126,7 +127,7 @@ def test_detach_mode_follows_peft_dora_with_pissa_init():
     ``lora_alpha == r`` the scaling is 1, so the factors are the ``dude`` variant's. PEFT's
     forward detaches the row norm (DoRA §4.3), hence ``norm_grad=detach``.
     """
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     rank, steps, lr = 4, 5, 0.5
     base = tiny_model("llama", seed=1)
     base.train()

