@@ -223,7 +223,13 @@ class DeepSpeedConfig:
         stage3_param_persistence_threshold: parameters smaller than this stay unpartitioned.
         config_file: a DeepSpeed JSON whose keys override the ones built from this section.
         backend: ``auto`` (nccl on GPU, gloo on CPU), ``nccl`` or ``gloo``.
-        timeout_s: collective timeout; a lost rank ends the run after at most this long.
+        timeout_s: collective timeout while the model loads and the init runs (a first
+            download of a 70B model can take long).
+        step_timeout_s: collective timeout from the first training step on: a rank that is
+            lost or hangs ends the run after at most this long.
+        hpz_partition_size: ZeRO++ hierarchical partitioning: frozen weights keep a second
+            copy sharded over this many ranks (the GPUs of one node), so forward, recompute
+            and backward gather them inside the node instead of across the network. 1 = off.
     """
 
     zero_stage: int = 3
@@ -235,9 +241,19 @@ class DeepSpeedConfig:
     config_file: str | None = None
     backend: str = "auto"
     timeout_s: int = 1800
+    step_timeout_s: int = 600
+    hpz_partition_size: int = 1
 
     def __post_init__(self) -> None:
         _check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0-3, got {self.zero_stage}")
+        _check(self.step_timeout_s > 0, "deepspeed.step_timeout_s", f"must be > 0, got {self.step_timeout_s}")
+        _check(self.hpz_partition_size >= 1, "deepspeed.hpz_partition_size",
+               f"must be >= 1 (1 = off), got {self.hpz_partition_size}")
+        _check(self.offload_param == "none" or self.zero_stage == 3, "deepspeed.offload_param",
+               f"{self.offload_param!r} needs zero_stage 3 (parameters are partitioned only there), "
+               f"got zero_stage {self.zero_stage}")
+        _check(self.hpz_partition_size == 1 or self.zero_stage == 3, "deepspeed.hpz_partition_size",
+               f"{self.hpz_partition_size} needs zero_stage 3, got zero_stage {self.zero_stage}")
         _check_choice(self.offload_optimizer, ("none", "cpu"), "deepspeed.offload_optimizer")
         _check_choice(self.offload_param, ("none", "cpu"), "deepspeed.offload_param")
         _check_choice(self.backend, ("auto", "nccl", "gloo"), "deepspeed.backend")
@@ -362,10 +378,20 @@ def _compose_with_lines(text: str, source: str) -> tuple[dict, dict[str, int]]:
     lines: dict[str, int] = {}
 
     def walk(n: yaml.Node, prefix: str) -> None:
+        # YAML itself keeps the last of two equal keys and drops the first without a word
+        # (two `train:` sections lose the first): refuse them, naming both lines.
         if isinstance(n, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for key_node, value_node in n.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
                 key = f"{prefix}{key_node.value}"
-                lines[key] = key_node.start_mark.line + 1
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise ConfigError(f"{source}:{line}: duplicate key {key!r} (first at {source}:{seen[key]}); "
+                                      "YAML would keep only the last one: merge them into one")
+                seen[key] = line
+                lines[key] = line
                 walk(value_node, key + ".")
 
     walk(node, "")

@@ -8,18 +8,27 @@ Supported, in order of precedence:
 * SLURM ``srun`` (``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS``; the master is the first host
   of the step's node list),
 * a plain ``python`` process (world size 1, a free loopback port).
+
+On GPUs each rank uses ``cuda:<local_rank % device_count>`` (a site that binds one GPU per
+task shows each rank one device), NCCL reports a failed collective as an error instead of
+hanging (``TORCH_NCCL_ASYNC_ERROR_HANDLING``), and the collective timeout is long
+(``deepspeed.timeout_s``) only while the model loads and initialises; :func:`set_step_timeout`
+then shortens it (``deepspeed.step_timeout_s``) so a lost peer ends the job in minutes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import socket
 import subprocess
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
+
+from dude_dist.errors import LaunchError
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +45,21 @@ class DistEnv:
     master_addr: str
     master_port: int
     launcher: str  # single | env | torchrun | deepspeed | mpi | slurm
+    backend: str = "gloo"
+    hostname: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def device(self):
+        """Where this rank's model runs: its GPU (``local_rank % device_count``) or the CPU."""
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return torch.device("cuda", self.local_rank % count) if count else torch.device("cpu")
 
 
 def _int(env: Mapping[str, str], key: str) -> int:
@@ -87,14 +107,46 @@ def _slurm_master(env: Mapping[str, str]) -> str:
     return expand_slurm_nodelist(nodelist)[0]
 
 
+def routable_address() -> tuple[str, str]:
+    """This host's address for peers to reach, and where it came from.
+
+    ``gethostbyname(gethostname())`` is 127.0.1.1 on many Debian/Ubuntu hosts, which other
+    nodes cannot reach; so the host name is used only if it resolves to a non-loopback
+    address, else the first non-loopback IPv4 address of an interface that is up
+    (``NCCL_SOCKET_IFNAME`` / ``GLOO_SOCKET_IFNAME``, if set, names the interface).
+    """
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+        if not addr.startswith("127."):
+            return addr, f"host name {socket.gethostname()}"
+    except OSError:
+        pass
+    import psutil
+
+    wanted = os.environ.get("NCCL_SOCKET_IFNAME") or os.environ.get("GLOO_SOCKET_IFNAME") or ""
+    wanted_names = [w for w in wanted.lstrip("=^").split(",") if w]
+    stats = psutil.net_if_stats()
+    for name, addrs in psutil.net_if_addrs().items():
+        if not stats.get(name) or not stats[name].isup:
+            continue
+        if wanted_names and not any(name.startswith(w) for w in wanted_names):
+            continue
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return a.address, f"interface {name}"
+    return "127.0.0.1", "loopback (no other interface is up)"
+
+
 def _mpi_master(env: Mapping[str, str]) -> str:
     if env.get("MASTER_ADDR"):
         return env["MASTER_ADDR"]
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    addr = socket.gethostbyname(socket.gethostname()) if comm.Get_rank() == 0 else None
-    return comm.bcast(addr, root=0)
+    found = routable_address() if comm.Get_rank() == 0 else None
+    if found is not None:
+        logger.info("mpirun: master address %s (from the %s; set MASTER_ADDR to choose)", *found)
+    return comm.bcast(found[0] if found else None, root=0)
 
 
 def discover_env(env: Mapping[str, str] | None = None) -> DistEnv:
@@ -139,12 +191,18 @@ def discover_env(env: Mapping[str, str] | None = None) -> DistEnv:
 def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
     """Discover the environment, export it as ``RANK``/``WORLD_SIZE``/..., start the process group.
 
+    Logging is set up here, once, as soon as the rank is known.
+
     Args:
         backend: ``auto`` (nccl with CUDA, else gloo), ``nccl`` or ``gloo``.
-        timeout_s: collective timeout; a rank that disappears ends the others after this long.
+        timeout_s: collective timeout while the model loads and initialises.
+
+    Raises:
+        LaunchError: the master port is taken, or NCCL without a GPU (the message says what to change).
     """
     import torch
 
+    from dude_dist.comm import device_for_backend
     from dude_dist.tracking import setup_logging
     from dude_dist.zero import init_deepspeed_comm
 
@@ -162,8 +220,50 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(dist_env.local_rank)
-    init_deepspeed_comm(backend, timedelta(seconds=timeout_s), dist_env.rank, dist_env.world_size)
+        # A failed or timed-out NCCL collective raises in the rank instead of hanging it.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        try:
+            device = device_for_backend(backend, dist_env.local_rank, torch.cuda.device_count())
+        except RuntimeError as exc:
+            raise LaunchError(f"deepspeed.backend=nccl: {exc}; use deepspeed.backend=gloo on CPU") from None
+        torch.cuda.set_device(device)
+    try:
+        init_deepspeed_comm(backend, timedelta(seconds=timeout_s), dist_env.rank, dist_env.world_size)
+    except RuntimeError as exc:
+        if "address already in use" in str(exc).lower() or "eaddrinuse" in str(exc).lower():
+            raise LaunchError(
+                f"master port {dist_env.master_port} on {dist_env.master_addr} is already in use (another job?); "
+                "pick a free one: deepspeed --master_port N, torchrun --master_port N, or MASTER_PORT=N") from None
+        raise
+    dist_env = DistEnv(**{**dist_env.__dict__, "backend": backend})
     logger.info("rank %d/%d (local %d) via %s, backend %s, master %s:%d", dist_env.rank, dist_env.world_size,
                 dist_env.local_rank, dist_env.launcher, backend, dist_env.master_addr, dist_env.master_port)
     return dist_env
+
+
+def set_step_timeout(timeout_s: int) -> None:
+    """Shorten the collective timeout once start-up is over (loading a 70B model needs the long one)."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    if dist.is_initialized() and hasattr(distributed_c10d, "_set_pg_timeout"):
+        distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s))
+
+
+@contextlib.contextmanager
+def on_each_node_first(env: DistEnv) -> Iterator[None]:
+    """Run the block on local rank 0 of every node first, then on the other ranks.
+
+    A model download or a datasets cache is then written once per node (once in all, on a
+    shared filesystem) while the other ranks wait at a barrier (``deepspeed.timeout_s``),
+    instead of every rank fetching and writing the same files at once.
+    """
+    from dude_dist import comm
+
+    if env.local_rank != 0:
+        comm.barrier()
+    try:
+        yield
+    finally:
+        if env.local_rank == 0:
+            comm.barrier()

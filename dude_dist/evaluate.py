@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import GenerationConfig
 
+from dude_dist import comm
 from dude_dist.config import EvalConfig
 from dude_dist.data import (
-    IGNORE_INDEX,
     DataError,
     collate_batch,
     ensure_pad_token,
@@ -37,6 +36,7 @@ from dude_dist.data import (
     load_first_source,
     question_prompt,
 )
+from dude_dist.loss import accepts_logits_to_keep, token_loss_sum  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +209,41 @@ def generate(
     return completions
 
 
+def _shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """Rank ``rank``'s share of ``items`` (every ``world_size``-th, starting at ``rank``)."""
+    return list(items[rank::world_size])
+
+
+def _score(model: Any, tokenizer: Any, items: Sequence[dict], prompts: Sequence[str], extract, reference: str,
+           keep: str, *, batch_size: int, max_new_tokens: int, synced_gpus: bool, rank: int,
+           world_size: int) -> dict:
+    """Generate for this rank's share of the prompts, compare ``extract(completion)`` with
+    ``item[reference]``, and gather every rank's records on every rank in item order.
+
+    With ``synced_gpus`` (ZeRO-3: every forward gathers from all ranks) each rank makes the
+    same number of ``generate`` calls: a rank with fewer prompts pads its share with the
+    first prompt and drops those completions.
+    """
+    mine = _shard(list(range(len(items))), rank, world_size)
+    share = [prompts[i] for i in mine]
+    if synced_gpus and world_size > 1 and prompts:
+        longest = math.ceil(len(prompts) / world_size)
+        share = share + [prompts[0]] * (longest - len(share))
+    completions = generate(model, tokenizer, share, batch_size, max_new_tokens, synced_gpus)[: len(mine)]
+    records = {}
+    for i, completion in zip(mine, completions):
+        item = items[i]
+        predicted = extract(completion)
+        records[i] = {keep: item[keep], "reference": item[reference], "completion": completion,
+                      "predicted": predicted, "correct": predicted == item[reference]}
+    if world_size > 1:
+        merged: dict[int, dict] = {}
+        for part in comm.all_gather_object(records):
+            merged.update(part)
+        records = merged
+    return _summary([records[i] for i in sorted(records)])
+
+
 def evaluate_gsm8k(
     model: Any,
     tokenizer: Any,
@@ -218,25 +253,24 @@ def evaluate_gsm8k(
     max_new_tokens: int,
     synced_gpus: bool = False,
     prompt_format: str = "gsm8k",
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict:
     """GSM8K accuracy: exact match of the normalised final number.
 
     Args:
         items: from :func:`load_gsm8k_items`.
         prompt_format: training format whose prompt holds the question (``eval.gsm8k_format``).
+        rank, world_size: share the prompts out over the ranks (collective when > 1).
 
     Returns:
         ``accuracy``, ``n``, ``correct`` and ``records`` (question, reference,
         completion, predicted, correct per item).
     """
     prompts = [question_prompt(prompt_format, item["question"]) for item in items]
-    completions = generate(model, tokenizer, prompts, batch_size, max_new_tokens, synced_gpus)
-    records = []
-    for item, completion in zip(items, completions):
-        predicted = extract_gsm8k_answer(completion)
-        records.append({"question": item["question"], "reference": item["reference"], "completion": completion,
-                        "predicted": predicted, "correct": predicted == item["reference"]})
-    return _summary(records)
+    return _score(model, tokenizer, items, prompts, extract_gsm8k_answer, "reference", "question",
+                  batch_size=batch_size, max_new_tokens=max_new_tokens, synced_gpus=synced_gpus, rank=rank,
+                  world_size=world_size)
 
 
 def evaluate_commonsense(
@@ -248,6 +282,8 @@ def evaluate_commonsense(
     batch_size: int,
     max_new_tokens: int,
     synced_gpus: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict:
     """Accuracy on one LLM-Adapters commonsense task (first answer keyword == ``answer``).
 
@@ -256,13 +292,9 @@ def evaluate_commonsense(
         completion, predicted, correct per item).
     """
     prompts = [instruction_prompt(item["instruction"], item.get("input") or "") for item in items]
-    completions = generate(model, tokenizer, prompts, batch_size, max_new_tokens, synced_gpus)
-    records = []
-    for item, completion in zip(items, completions):
-        predicted = extract_commonsense_answer(task, completion)
-        records.append({"instruction": item["instruction"], "reference": item["answer"], "completion": completion,
-                        "predicted": predicted, "correct": predicted == item["answer"]})
-    return _summary(records)
+    return _score(model, tokenizer, items, prompts, lambda text: extract_commonsense_answer(task, text), "answer",
+                  "instruction", batch_size=batch_size, max_new_tokens=max_new_tokens, synced_gpus=synced_gpus,
+                  rank=rank, world_size=world_size)
 
 
 def _summary(records: list[dict]) -> dict:
@@ -271,8 +303,13 @@ def _summary(records: list[dict]) -> dict:
             "records": records}
 
 
-def run_eval(model: Any, tokenizer: Any, cfg: EvalConfig, *, synced_gpus: bool = False) -> dict[str, dict]:
+def run_eval(model: Any, tokenizer: Any, cfg: EvalConfig, *, synced_gpus: bool = False, rank: int = 0,
+             world_size: int = 1) -> dict[str, dict]:
     """Evaluate every task of ``cfg.tasks`` (``cfg.limit`` items each).
+
+    Args:
+        synced_gpus: the model is ZeRO-3 partitioned over the ranks (generation steps together).
+        rank, world_size: share the prompts out over the ranks; every rank gets all results.
 
     Returns:
         Task name -> the dict of :func:`evaluate_gsm8k` / :func:`evaluate_commonsense`.
@@ -283,7 +320,8 @@ def run_eval(model: Any, tokenizer: Any, cfg: EvalConfig, *, synced_gpus: bool =
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise DataError(f"eval.tasks: unknown task(s) {unknown}; valid: {', '.join(TASKS)}")
-    options = {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens, "synced_gpus": synced_gpus}
+    options = {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens, "synced_gpus": synced_gpus,
+               "rank": rank, "world_size": world_size}
     results = {}
     for task in cfg.tasks:
         if task == "gsm8k":
@@ -298,37 +336,6 @@ def run_eval(model: Any, tokenizer: Any, cfg: EvalConfig, *, synced_gpus: bool =
 
 
 # --------------------------------------------------------------------------- loss
-
-
-def accepts_logits_to_keep(model: Any) -> bool:
-    """Whether ``model.forward`` takes ``logits_to_keep`` (transformers' causal LMs do)."""
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-def token_loss_sum(forward, batch: dict[str, torch.Tensor], keep_logits: bool = True
-                   ) -> tuple[torch.Tensor, int]:
-    """Summed next-token loss of a batch and its number of labelled targets.
-
-    With ``keep_logits``, logits are computed only from the first labelled position of the
-    batch on (the model's ``logits_to_keep``): prompt positions carry no loss, and the LM
-    head over a large vocabulary is a sizeable share of a step's work and memory.
-
-    Args:
-        forward: the model or DeepSpeed engine (called with ``input_ids``, ``attention_mask``).
-        batch: ``input_ids``, ``attention_mask`` and ``labels`` (``IGNORE_INDEX``: no loss), [batch, seq].
-    """
-    labels = batch["labels"][:, 1:]
-    kwargs: dict = {}
-    if keep_logits:
-        labelled = (labels != IGNORE_INDEX).any(0).nonzero()
-        first = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
-        kwargs["logits_to_keep"] = labels.shape[1] + 1 - first
-        labels = labels[:, first:]
-    logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((labels != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()

@@ -20,14 +20,14 @@ by inf on the highest rank at those (1-based) steps, with a finite loss.
 from __future__ import annotations
 
 import math
-import os
 from functools import partial
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from dude_dist import comm
 from dude_dist.dude import DudeLinear
+from dude_dist.failures import Faults
 
 FAULT_ENV = "DUDE_FAULT_INF_GRAD"
 
@@ -45,7 +45,8 @@ class LayerGradNorms:
         self._handles = []
         self._sq: torch.Tensor | None = None
         self._step = 0
-        self._fault_steps, self._fault_layer = _parse_fault(os.environ.get(FAULT_ENV, ""))
+        faults = Faults.from_env()
+        self._fault_steps, self._fault_layer = faults.inf_grad_steps, faults.inf_grad_layer
         self._inject_here = rank == world - 1
         for name, module in model.named_modules():
             if not isinstance(module, DudeLinear):
@@ -72,10 +73,8 @@ class LayerGradNorms:
 
     def norms(self) -> list[float]:
         """Per-layer gradient norms of the current step, summed over ranks (collective)."""
-        sq = self._sq if self._sq is not None else torch.zeros(len(self.names), dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            sq = sq.clone()
-            dist.all_reduce(sq)
+        sq = self._sq.clone() if self._sq is not None else torch.zeros(len(self.names), dtype=torch.float64)
+        comm.all_reduce(sq)
         return [math.sqrt(v) if math.isfinite(v) else v for v in sq.cpu().tolist()]
 
     def worst(self) -> str:
@@ -95,10 +94,3 @@ class LayerGradNorms:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-
-def _parse_fault(spec: str) -> tuple[set[int], str]:
-    if not spec.strip():
-        return set(), ""
-    steps, _, layer = spec.partition("@")
-    return {int(s) for s in steps.split(",") if s.strip()}, layer.strip()

@@ -1,4 +1,4 @@
-"""Rank-aware sharded initialisation of DuDe layers (DESIGN §2).
+"""Rank-aware sharded initialisation of DuDe layers.
 
 Every rank runs the same steps over the same deterministic plan:
 
@@ -15,8 +15,15 @@ Every rank runs the same steps over the same deterministic plan:
 5. **Cache** the factors (safetensors) so a restart or a resume does no SVD at all.
 
 Without ZeRO-3 a "shard" is the whole weight; with one process there is no
-communication; the code path is the same. Only torch is imported here: the process
-group is whatever ``torch.distributed`` was initialised with (DeepSpeed uses it too).
+communication; the code path is the same. Collectives go through :mod:`dude_dist.comm`,
+which runs them on the process group's device (NCCL: the rank's GPU), whether a shard
+lives there or in host memory (``offload_param: cpu``).
+
+The magnitude ``m0`` is the row norm of the *stored* ``W_f + B A``: with a bf16 model the
+factors and the residual are rounded when they are stored, and a magnitude computed from
+the float32 factors would make the step-0 output differ from the base model's by up to
+~5e-3 per row. With ZeRO++ hierarchical partitioning (``zero_hpz_partition_size``) the
+node-local secondary copy of each edited weight is rebuilt from the edited primary.
 """
 
 from __future__ import annotations
@@ -32,46 +39,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dude_dist import comm as comm_lib
+from dude_dist.comm import Comm
 from dude_dist.config import DudeConfig
 from dude_dist.dude import DudeLinear
-from dude_dist.svd_init import factorize, svd_cost
+from dude_dist.svd_init import factorize, measure_svd_gflops, svd_cost
+from dude_dist.zero import refresh_secondary_partition
 
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "factors.safetensors"
 CACHE_KEY_FILE = "key.json"
-
-
-class Comm:
-    """The few collectives the initialiser needs; one process when no group is initialised."""
-
-    def __init__(self) -> None:
-        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.rank = dist.get_rank() if self.active else 0
-        self.world_size = dist.get_world_size() if self.active else 1
-        self.bytes_broadcast = 0
-        self.bytes_gathered = 0
-
-    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
-        if self.active:
-            dist.broadcast(tensor, src=src)
-            self.bytes_broadcast += tensor.numel() * tensor.element_size()
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
-        if self.active:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-
-    def all_gather_floats(self, values: list[float]) -> list[list[float]]:
-        local = torch.tensor(values, dtype=torch.float64)
-        if not self.active:
-            return [local.tolist()]
-        out = [torch.empty_like(local) for _ in range(self.world_size)]
-        dist.all_gather(out, local)
-        return [t.tolist() for t in out]
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
 
 
 # --------------------------------------------------------------------------- plan
@@ -157,18 +135,14 @@ def local_shard(param: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def gather_to_owner(param: torch.Tensor, owner: int, comm: Comm) -> torch.Tensor | None:
-    """The full weight on ``owner`` (None elsewhere); only the owner allocates it."""
+    """The full weight on ``owner`` (None elsewhere); only the owner allocates it.
+
+    The gather runs on the process group's device; the owner factorises it there.
+    """
     if not _is_partitioned(param):
         return param.data if comm.rank == owner else None
-    shard = param.ds_tensor.data.view(-1)
-    gathered = [torch.empty_like(shard) for _ in range(comm.world_size)] if comm.rank == owner else None
-    if comm.active:
-        dist.gather(shard, gathered, dst=owner, group=param.ds_process_group)
-        if comm.rank == owner:
-            comm.bytes_gathered += shard.numel() * shard.element_size() * (comm.world_size - 1)
-    else:
-        gathered = [shard]
-    if comm.rank != owner:
+    gathered = comm.gather(param.ds_tensor.data.view(-1), owner, group=param.ds_process_group)
+    if gathered is None:
         return None
     return torch.cat(gathered)[: param.ds_numel].view(full_shape(param))
 
@@ -179,14 +153,23 @@ def subtract_low_rank(shard: torch.Tensor, start: int, in_features: int,
     """``shard -= (B A)`` restricted to the flat index range ``[start, start + len(shard))``.
 
     Only the rows that the range touches are formed, so the cost is that of the shard.
+    The product is formed where the shard lives (host memory for ``offload_param: cpu``).
     """
     if shard.numel() == 0:
         return
+    block = _low_rank_block(shard, start, in_features, lora_a, lora_b)
+    shard.copy_(shard.float() - block)
+
+
+def _low_rank_block(shard: torch.Tensor, start: int, in_features: int,
+                    lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """``(B A)`` in float32 over the flat index range of ``shard``, on the shard's device."""
     end = start + shard.numel()
     row0, row1 = start // in_features, (end - 1) // in_features + 1
-    block = (lora_b[row0:row1].float() @ lora_a.float()).view(-1)
+    lora_a = lora_a.to(device=shard.device, dtype=torch.float32)
+    lora_b = lora_b[row0:row1].to(device=shard.device, dtype=torch.float32)
     offset = start - row0 * in_features
-    shard.copy_(shard.float() - block[offset : offset + shard.numel()])
+    return (lora_b @ lora_a).view(-1)[offset : offset + shard.numel()]
 
 
 @torch.no_grad()
@@ -197,6 +180,26 @@ def shard_row_sq_norm(shard: torch.Tensor, start: int, out_features: int, in_fea
     if shard.numel():
         rows = torch.arange(start, start + shard.numel(), device=shard.device) // in_features
         sums.index_add_(0, rows, shard.to(cdtype).pow(2))
+    return sums
+
+
+@torch.no_grad()
+def shard_row_norms(shard: torch.Tensor, start: int, out_features: int, in_features: int,
+                    lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """Partial squared row norms of ``W_f`` and of ``W_f + B A`` from one flat shard of the
+    stored ``W_f``, as ``[2, out]`` (sum over ranks gives the full ones).
+
+    ``lora_a``/``lora_b`` are the stored (possibly bf16-rounded) factors, so the second row
+    is the squared norm the layer computes in its forward at step 0.
+    """
+    cdtype = torch.promote_types(shard.dtype, torch.float32)
+    sums = torch.zeros(2, out_features, dtype=cdtype, device=shard.device)
+    if shard.numel():
+        rows = torch.arange(start, start + shard.numel(), device=shard.device) // in_features
+        residual = shard.to(cdtype)
+        sums[0].index_add_(0, rows, residual.pow(2))
+        full = residual + _low_rank_block(shard, start, in_features, lora_a, lora_b).to(cdtype)
+        sums[1].index_add_(0, rows, full.pow(2))
     return sums
 
 
@@ -301,41 +304,34 @@ def init_dude_layers(
     if cache_path is not None and cache_key is not None:
         cached = load_cached_factors(cache_path, cache_key)
     # Every rank must agree on whether to factorise; the cache file may be on a node-local disk.
-    hit = torch.tensor([1.0 if cached is not None else 0.0])
-    comm.all_reduce_sum(hit)
-    use_cache = int(hit.item()) == comm.world_size
+    (hits,) = comm_lib.sum_floats([1.0 if cached is not None else 0.0])
+    use_cache = int(hits) == comm.world_size
     stats.from_cache = use_cache
 
     shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
     plan = plan_init(shapes, comm.world_size, cfg)
-    if not use_cache:
-        gflops = measure_svd_gflops(cfg)
+    if not use_cache and layers:
+        device = svd_device(next(iter(layers.values())))
+        gflops = measure_svd_gflops(cfg.rank, cfg.svd, oversample=cfg.svd_oversample, niter=cfg.svd_niter,
+                                    device=device)
         stats.est_seconds_per_rank = [load / (gflops * 1e9) for load in plan.load]
-        logger.info("init plan over %d ranks (SVD %s, ~%.1f Gflop/s measured here): %s", comm.world_size, cfg.svd,
-                    gflops, "; ".join(f"rank {r}: {len(plan.layers_of(r))} layers, {plan.load[r] / 1e9:.3g} Gflop, "
-                                      f"~{s:.2f} s" for r, s in enumerate(stats.est_seconds_per_rank)))
+        logger.info("init plan over %d ranks (SVD %s on %s, ~%.1f Gflop/s measured there): %s", comm.world_size,
+                    cfg.svd, device, gflops,
+                    "; ".join(f"rank {r}: {len(plan.layers_of(r))} layers, {plan.load[r] / 1e9:.3g} Gflop, "
+                              f"~{s:.2f} s" for r, s in enumerate(stats.est_seconds_per_rank)))
     svd_seconds = 0.0
     factors: dict[str, torch.Tensor] = {}
     broadcast_start = comm.bytes_broadcast
-    done = 0
 
-    def finish(name: str, lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor) -> None:
-        """Every rank: residual and row norms of its own shard, then the layer's parameters."""
-        nonlocal done
+    def finish(name: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        """Every rank: the layer's factors, its residual shard, and the norms of what is stored."""
         layer = layers[name]
+        set_layer_factors(layer, lora_a, lora_b, comm)
+        factors[f"{name}.lora_a"], factors[f"{name}.lora_b"] = lora_a, lora_b
+        factors[f"{name}.magnitude"] = layer.magnitude.detach().float()
         out_f, in_f = shapes[name]
-        shard, start = local_shard(layer.weight)
-        subtract_low_rank(shard, start, in_f, lora_a, lora_b)
-        sq = shard_row_sq_norm(shard, start, out_f, in_f)
-        if _is_partitioned(layer.weight):
-            comm.all_reduce_sum(sq)
-        layer.weight_sq_norm.copy_(sq)
-        layer.lora_a.data.copy_(lora_a)
-        layer.lora_b.data.copy_(lora_b)
-        layer.magnitude.data.copy_(magnitude)
-        factors[f"{name}.lora_a"], factors[f"{name}.lora_b"], factors[f"{name}.magnitude"] = lora_a, lora_b, magnitude
         stats.bytes_residual_broadcast += out_f * in_f * layer.weight.element_size()
-        done += 1
+        done = len(factors) // 3
         if done % 16 == 0 or done == len(layers):
             logger.info("init: %d/%d layers done (%.1f s)", done, len(layers), time.perf_counter() - t0)
 
@@ -343,7 +339,7 @@ def init_dude_layers(
         for name, layer in layers.items():
             device = layer.lora_a.device
             finish(name, *(cached[f"{name}.{key}"].to(device=device, dtype=torch.float32)
-                           for key in ("lora_a", "lora_b", "magnitude")))
+                           for key in ("lora_a", "lora_b")))
     else:
         # Rounds: round k holds the k-th layer of every rank, so all ranks factorise at the
         # same time; only the cheap gathers and broadcasts are one layer after another.
@@ -358,19 +354,18 @@ def init_dude_layers(
                 t = time.perf_counter()
                 fac = factorize(weight, cfg.rank, variant=cfg.variant, method=cfg.svd, name=name,
                                 seed=cfg.seed, oversample=cfg.svd_oversample, niter=cfg.svd_niter)
-                mine[name] = (fac.lora_a, fac.lora_b, _owner_magnitude(weight, fac.lora_a, fac.lora_b))
+                mine[name] = (fac.lora_a, fac.lora_b)
                 svd_seconds += time.perf_counter() - t
                 stats.svd_count += 1
                 stats.energy[name] = fac.energy
             del full
             for name in names:
                 out_f, in_f = shapes[name]
-                device = layers[name].lora_a.device
+                device = comm_lib.comm_device() if comm.active else layers[name].lora_a.device
                 owned = mine.pop(name, None)
                 parts = [torch.empty(cfg.rank, in_f, device=device, dtype=torch.float32),
-                         torch.empty(out_f, cfg.rank, device=device, dtype=torch.float32),
-                         torch.empty(out_f, device=device, dtype=torch.float32)]
-                for part, value in zip(parts, owned or (None,) * 3):
+                         torch.empty(out_f, cfg.rank, device=device, dtype=torch.float32)]
+                for part, value in zip(parts, owned or (None,) * 2):
                     if value is not None:
                         part.copy_(value)
                     comm.broadcast(part, plan.owners[name])
@@ -395,35 +390,36 @@ def init_dude_layers(
     return stats
 
 
-def measure_svd_gflops(cfg: DudeConfig, size: int = 384) -> float:
-    """Throughput of this process's SVD (estimated flops / second) on a small random matrix.
+@torch.no_grad()
+def set_layer_factors(layer: DudeLinear, lora_a: torch.Tensor, lora_b: torch.Tensor, comm: Comm) -> None:
+    """Store ``A0, B0`` in ``layer`` (rounded to its dtype), subtract the stored ``B0 A0`` from
+    this rank's shard of ``W0``, and set ``||W_f||^2`` and ``m0`` from what is stored.
 
-    Small matrices run below peak, so estimates made from it are on the slow side.
+    Every rank calls this for every layer (one all-reduce of ``[2, out]`` numbers when the
+    weight is partitioned).
     """
-    weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
-    rank = min(cfg.rank, size)
-    t = time.perf_counter()
-    factorize(weight, rank, variant=cfg.variant, method=cfg.svd, oversample=cfg.svd_oversample, niter=cfg.svd_niter)
-    seconds = max(time.perf_counter() - t, 1e-6)
-    return svd_cost(size, size, rank, cfg.svd, oversample=cfg.svd_oversample, niter=cfg.svd_niter) / seconds / 1e9
+    layer.lora_a.data.copy_(lora_a)
+    layer.lora_b.data.copy_(lora_b)
+    stored_a, stored_b = layer.lora_a.detach(), layer.lora_b.detach()
+    shard, start = local_shard(layer.weight)
+    subtract_low_rank(shard, start, layer.in_features, stored_a, stored_b)
+    sq = shard_row_norms(shard, start, layer.out_features, layer.in_features, stored_a, stored_b)
+    if _is_partitioned(layer.weight):
+        comm.all_reduce_sum(sq)
+        refresh_secondary_partition(layer.weight)
+    layer.weight_sq_norm.copy_(sq[0])
+    layer.magnitude.data.copy_(sq[1].clamp_min(layer.eps).sqrt())
 
 
-def _owner_magnitude(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-    """Row norms of the stored (rounded) ``W_f`` plus ``B A``, in float32, a block of rows at a time."""
-    out = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-    for r0 in range(0, weight.shape[0], 1024):
-        low_rank = lora_b[r0 : r0 + 1024] @ lora_a
-        residual = (weight[r0 : r0 + 1024].float() - low_rank).to(weight.dtype).float()
-        out[r0 : r0 + 1024] = (residual + low_rank).norm(dim=1)
-    return out
+def svd_device(layer: DudeLinear) -> torch.device:
+    """Where the owner of ``layer`` will factorise it: the gathered weight's device."""
+    if _is_partitioned(layer.weight):
+        return comm_lib.comm_device() if comm_lib.is_active() else layer.weight.ds_tensor.device
+    return layer.weight.device
 
 
 def _gather_energy(energy: dict[str, float], comm: Comm) -> dict[str, float]:
-    if not comm.active:
-        return energy
-    gathered: list[dict[str, float]] = [None] * comm.world_size  # type: ignore[list-item]
-    dist.all_gather_object(gathered, energy)
     merged: dict[str, float] = {}
-    for part in gathered:
+    for part in comm.all_gather_object(energy):
         merged.update(part)
     return merged

@@ -160,3 +160,29 @@ def svd_cost(out_features: int, in_features: int, rank: int, method: str, *, ove
         return float(out_features) * in_features * min(out_features, in_features)
     k = min(rank + oversample, out_features, in_features)
     return float(out_features) * in_features * k * (2 * niter + 2)
+
+
+def measure_svd_gflops(rank: int, method: str, *, oversample: int = 8, niter: int = 2, size: int = 512,
+                       device: torch.device | str = "cpu") -> float:
+    """Throughput of :func:`factorize` on ``device``, in :func:`svd_cost` units (Gflop/s).
+
+    Times one factorisation of a random ``size x size`` float32 matrix after one warm-up
+    (the first CUDA call pays for its kernels and handles). ``svd_cost`` is a model, so this
+    is a rate in that model's units; a small SVD runs below the speed of large ones, so
+    estimates made from it err on the slow side.
+    """
+    import time
+
+    device = torch.device(device)
+    rank = min(rank, size)
+    weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    kwargs = {"method": method, "name": "calibration", "oversample": oversample, "niter": niter}
+    factorize(weight, rank, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    factorize(weight, rank, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = max(time.perf_counter() - start, 1e-6)
+    return svd_cost(size, size, rank, method, oversample=oversample, niter=niter) / seconds / 1e9

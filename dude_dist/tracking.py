@@ -41,19 +41,31 @@ class Tracker:
     """TensorBoard + ``metrics.jsonl`` on rank 0; a no-op on other ranks.
 
     ``metrics.jsonl`` gets one JSON object per logged step, flushed at once, so a crash
-    loses nothing that was logged.
+    loses nothing that was logged. A resumed run (``resume_step``) first drops what an
+    interrupted run logged after its checkpoint's step, from both: those steps are trained
+    again, and would otherwise appear twice.
+
+    Args:
+        run_dir: a :class:`dude_dist.run_dir.RunDir` (or the output folder).
+        rank: this process's rank.
+        resume_step: the step of the checkpoint the run resumed from (None: a fresh run).
     """
 
-    def __init__(self, output_dir: str | Path, rank: int) -> None:
+    def __init__(self, run_dir, rank: int, resume_step: int | None = None) -> None:
+        from dude_dist.run_dir import RunDir
+
+        run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         self.enabled = rank == 0
         self.writer = None
         self.metrics = None
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            out = Path(output_dir)
-            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
-            self.metrics = open(out / "metrics.jsonl", "a", buffering=1)
+            if resume_step is not None:
+                _drop_metrics_after(run_dir.metrics, resume_step)
+            purge = {"purge_step": resume_step + 1} if resume_step is not None else {}
+            self.writer = SummaryWriter(log_dir=str(run_dir.tensorboard), **purge)
+            self.metrics = open(run_dir.metrics, "a", buffering=1)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -63,15 +75,27 @@ class Tracker:
         self.writer.flush()
         self.metrics.write(json.dumps({"step": step, **scalars}) + "\n")
 
-    def text(self, tag: str, text: str, step: int = 0) -> None:
-        if self.enabled:
-            self.writer.add_text(tag, text, step)
-            self.writer.flush()
-
     def close(self) -> None:
         if self.enabled:
             self.writer.close()
             self.metrics.close()
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Rewrite ``metrics.jsonl`` without the rows logged after ``step`` (atomically)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if row_step <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:

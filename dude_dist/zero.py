@@ -1,5 +1,9 @@
-"""Everything that touches DeepSpeed: comm start-up, the engine config, ZeRO-3 model
-construction, leaf modules and parameter gathering. The rest of dude_dist is plain torch."""
+"""DeepSpeed's engine for dude_dist: comm start-up, the engine config, ZeRO-3 model
+construction, the DuDe parameters kept whole, and parameter gathering.
+
+Besides this module, :mod:`dude_dist.checkpoint` calls the engine's save/load and
+:mod:`dude_dist.export` gathers through :func:`gathered`; the core (``dude.py``,
+``svd_init.py``, ``adapters.py``) never imports DeepSpeed."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch
 from torch import nn
 
 from dude_dist.config import BatchLayout, RunConfig
+from dude_dist.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +68,8 @@ def build_ds_config(cfg: RunConfig, layout: BatchLayout) -> dict:
         })
         if ds.offload_param != "none":
             zero["offload_param"] = {"device": ds.offload_param, "pin_memory": torch.cuda.is_available()}
+        if ds.hpz_partition_size > 1:
+            zero["zero_hpz_partition_size"] = ds.hpz_partition_size
     if ds.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": torch.cuda.is_available()}
     config = {
@@ -76,23 +83,40 @@ def build_ds_config(cfg: RunConfig, layout: BatchLayout) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if ds.offload_optimizer != "none":
+        # The optimizer is torch's AdamW, which DeepSpeed refuses with an offloaded optimizer
+        # unless told otherwise; on the host it updates the few DuDe parameters (34M at 70B,
+        # r=16) in well under a second, with no C++ op to build.
+        config["zero_force_ds_cpu_optimizer"] = False
+    if cfg.model.dtype in ("bfloat16", "float16"):
+        # DuDe gradients are tiny (<= 34M numbers): accumulating and reducing them in fp32
+        # costs little and keeps the rounding of bf16 out of the update.
+        config["communication_data_type"] = "fp32"
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     if ds.config_file:
         path = Path(ds.config_file)
         if not path.is_file():
-            raise FileNotFoundError(f"deepspeed.config_file {ds.config_file!r} does not exist")
+            raise ConfigError(f"deepspeed.config_file {ds.config_file!r} does not exist"
+                              + (" (it is a folder)" if path.is_dir() else ""))
         try:
-            user = json.loads(path.read_text())
+            user = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{ds.config_file}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+            raise ConfigError(f"deepspeed.config_file {ds.config_file}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+        except (UnicodeDecodeError, OSError) as exc:
+            raise ConfigError(f"deepspeed.config_file {ds.config_file}: cannot be read as UTF-8 JSON ({exc})") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"deepspeed.config_file {ds.config_file}: expected a JSON object of DeepSpeed keys, "
+                              f"got a {type(user).__name__}")
         for key in ("optimizer", "scheduler"):
             if key in user:
-                raise ValueError(f"{ds.config_file}: '{key}' is set by dude_dist (torch AdamW + cosine); remove it")
+                raise ConfigError(f"deepspeed.config_file {ds.config_file}: '{key}' is set by dude_dist "
+                                  "(torch AdamW + cosine); remove it")
         merged = _deep_update(copy.deepcopy(config), user)
         for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
             if merged[key] != config[key]:
-                raise ValueError(
-                    f"{ds.config_file}: {key}={merged[key]} disagrees with the run config ({config[key]}); "
-                    "set batch sizes under train: instead"
+                raise ConfigError(
+                    f"deepspeed.config_file {ds.config_file}: {key}={merged[key]} disagrees with the run config "
+                    f"({config[key]}); set batch sizes under train: instead"
                 )
         config = merged
     return config
@@ -133,6 +157,48 @@ def gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
         yield
+
+
+@torch.no_grad()
+def refresh_secondary_partition(param: torch.Tensor) -> None:
+    """Rebuild a ZeRO++ hpZ secondary (node-local) partition from the edited primary one.
+
+    ``zero.Init`` copies each weight into ``ds_secondary_tensor`` when it partitions it; the
+    init then edits only the primary partition (``ds_tensor``), so the secondary copy, which
+    later forward passes gather from, would keep ``W0``. Dropping it and gathering the
+    parameter once from the primary partitions makes DeepSpeed write a new secondary copy
+    when it releases the parameter. A no-op without hpZ.
+    """
+    if getattr(param, "ds_secondary_tensor", None) is None:
+        return
+    import deepspeed
+
+    param.ds_secondary_tensor = None
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+        pass  # on exit DeepSpeed partitions the gathered values again, secondary copy included
+
+
+def keep_whole(engine, params: list[nn.Parameter]) -> int:
+    """Keep ``params`` whole on every rank under ZeRO-3, whatever their size.
+
+    ZeRO-3 leaves a parameter unpartitioned only below ``stage3_param_persistence_threshold``
+    (100k elements by default); a 70B ``q_proj``'s ``lora_a`` has 131k, so each layer would
+    pay latency-bound gathers for a few hundred kB in every forward, recompute and backward.
+    Marked persistent, they are gathered once now and after each optimizer step (DeepSpeed
+    re-gathers its persistent parameters then), while their gradients and Adam states stay
+    partitioned. Returns how many parameters this changed (0 without ZeRO-3).
+    """
+    optimizer = getattr(engine, "optimizer", None)
+    persistent = getattr(optimizer, "persistent_parameters", None)
+    if persistent is None:
+        return 0
+    extra = [p for p in params if hasattr(p, "ds_persist") and not p.ds_persist]
+    for param in extra:
+        param.ds_persist = True
+    if extra:
+        persistent.extend(extra)
+        extra[0].all_gather(param_list=extra)
+    return len(extra)
 
 
 def initialize_engine(model: nn.Module, optimizer, scheduler, ds_config: dict):

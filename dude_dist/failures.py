@@ -1,0 +1,117 @@
+"""When a run goes wrong: stop requests, a lost peer, a dead launcher, and test faults.
+
+* :class:`StopRequests` turns SIGTERM (SLURM preemption, ``scancel``, a launcher shutting
+  down) and a first SIGINT (Ctrl-C) into a request to checkpoint at the next step boundary
+  and exit cleanly; a second Ctrl-C aborts at once. A rank whose launcher died (it was
+  re-parented) requests the same stop, so no rank trains on as an orphan.
+* :func:`lost_peer_message` names the ranks that are gone after a collective failed
+  (ranks on this host are checked by pid).
+* Fault injection for tests, read from the environment once (:class:`Faults`):
+  ``DUDE_FAULT_CKPT_CRASH=<step>`` dies between a checkpoint's files and its commit;
+  ``DUDE_FAULT_NAN_STEPS=5,6,7`` multiplies the loss of the last micro-batch of the
+  highest rank at those (1-based) steps by NaN; ``DUDE_FAULT_INF_GRAD=5,6,7@<layer>``
+  makes that layer's magnitude gradient infinite instead (:mod:`dude_dist.layer_grads`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+# What gloo and NCCL say when a peer is gone or a collective times out.
+_COMM_FAILURE_TEXT = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out",
+                      "operation timeout", "nccl error", "ncclremoteerror", "watchdog", "process group")
+
+
+def parse_steps(spec: str) -> set[int]:
+    """``"5,6,7"`` -> ``{5, 6, 7}``; empty -> empty."""
+    return {int(s) for s in spec.split(",") if s.strip()}
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Faults to inject (tests only); all empty unless the environment asks for them."""
+
+    nan_steps: set[int] = field(default_factory=set)
+    inf_grad_steps: set[int] = field(default_factory=set)
+    inf_grad_layer: str = ""
+    ckpt_crash_step: int | None = None
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Faults:
+        env = dict(os.environ) if env is None else env
+        steps, _, layer = env.get("DUDE_FAULT_INF_GRAD", "").partition("@")
+        crash = env.get("DUDE_FAULT_CKPT_CRASH", "").strip()
+        return cls(nan_steps=parse_steps(env.get("DUDE_FAULT_NAN_STEPS", "")), inf_grad_steps=parse_steps(steps),
+                   inf_grad_layer=layer.strip(), ckpt_crash_step=int(crash) if crash else None)
+
+
+class StopRequests:
+    """Signal handlers and the launcher check behind "stop at the next step boundary".
+
+    Args:
+        watch_parent: also stop when this process is re-parented (its launcher died).
+    """
+
+    def __init__(self, watch_parent: bool) -> None:
+        self.reason = ""
+        self._interrupts = 0
+        self._parent = os.getppid() if watch_parent else None
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                raise KeyboardInterrupt("second Ctrl-C: stopping at once, without a checkpoint")
+        if not self.reason:
+            name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
+            self.reason = name
+            logger.warning("%s received: will checkpoint at the next step boundary and exit%s", name,
+                           " (press Ctrl-C again to stop at once, without a checkpoint)" if signum == signal.SIGINT
+                           else "")
+
+    def requested(self) -> bool:
+        """Whether this rank wants to stop (a signal, or its launcher is gone)."""
+        if not self.reason and self._parent is not None and os.getppid() != self._parent:
+            self.reason = f"the launcher (pid {self._parent}) exited"
+            logger.warning("%s: will checkpoint at the next step boundary and exit", self.reason)
+        return bool(self.reason)
+
+
+def is_comm_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of a collective whose peer is gone (gloo/NCCL/store errors)."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return any(marker in text for marker in _COMM_FAILURE_TEXT)
+
+
+def lost_peer_message(exc: BaseException, rank: int, peers: list[tuple[str, int]], timeout_s: int) -> str:
+    """Who is gone: local ranks whose pid has exited, else a timeout or an unreachable peer."""
+    import psutil
+
+    host = socket.gethostname()
+    gone = []
+    for peer_rank, (peer_host, pid) in enumerate(peers):
+        if peer_rank == rank or peer_host != host:
+            continue
+        try:
+            alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            alive = False
+        if not alive:
+            gone.append(f"rank {peer_rank} (pid {pid})")
+    if gone:
+        return f"lost {', '.join(gone)}: the process has exited"
+    if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+        return f"a collective timed out after {timeout_s} s: a peer rank died or hangs"
+    return "a peer rank died or became unreachable"

@@ -1,0 +1,92 @@
+"""The one next-token loss of dude_dist: summed over labelled tokens, divided by the caller.
+
+Training divides the sum by the labelled tokens of the *global* batch (every rank, every
+micro-batch), so the gradient does not depend on how a batch is split over ranks and
+accumulation steps; held-out loss divides by the held-out set's labelled tokens.
+
+Everything that needs host arithmetic (how many targets a batch has, where its first
+label is) is read from the batch *before* it moves to the device (:func:`loss_inputs`),
+so the step never waits on the GPU for a count.
+
+With ``logits_to_keep`` the model computes logits only from the first labelled position
+of the batch on: prompt positions carry no loss, and the LM head over a large vocabulary
+is a sizeable share of a step's work and memory.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (transformers' causal LMs do)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """One batch ready for :func:`summed_loss`.
+
+    Attributes:
+        tensors: ``input_ids``, ``attention_mask``, ``labels`` ``[batch, seq]`` on the device.
+        targets: number of labelled next-token targets (host integer).
+        tokens: number of real (non-padding) tokens (host integer).
+        first: first labelled target position (``logits_to_keep`` starts there), or None to
+            compute logits everywhere.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    targets: int
+    tokens: int
+    first: int | None
+
+
+def loss_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | None = None,
+                keep_logits: bool = True) -> LossInputs:
+    """Count targets and tokens and find the first label on the host, then move ``batch``.
+
+    Args:
+        batch: from :func:`dude_dist.data.collate_batch` (host tensors; a device batch works
+            too, at the price of a sync).
+        device: where the model runs (None: leave the tensors where they are).
+        keep_logits: compute logits only from the first labelled position on.
+    """
+    targets = batch["labels"][:, 1:] != IGNORE_INDEX
+    first = None
+    if keep_logits:
+        labelled = targets.any(0).nonzero()
+        first = int(labelled[0]) if len(labelled) else targets.shape[1] - 1
+    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()} if device is not None else batch
+    return LossInputs(tensors=moved, targets=int(targets.sum()), tokens=int(batch["attention_mask"].sum()),
+                      first=first)
+
+
+def summed_loss(forward: Any, inputs: LossInputs) -> torch.Tensor:
+    """Summed next-token cross-entropy (float32) over the labelled targets of ``inputs``.
+
+    Args:
+        forward: the model or DeepSpeed engine (called with ``input_ids``, ``attention_mask``).
+    """
+    batch = inputs.tensors
+    labels = batch["labels"][:, 1:]
+    kwargs: dict = {}
+    if inputs.first is not None:
+        kwargs["logits_to_keep"] = labels.shape[1] + 1 - inputs.first
+        labels = labels[:, inputs.first :]
+    logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def token_loss_sum(forward: Any, batch: dict[str, torch.Tensor], keep_logits: bool = True
+                   ) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss of a batch (wherever it lives) and its number of labelled targets."""
+    inputs = loss_inputs(batch, keep_logits=keep_logits)
+    return summed_loss(forward, inputs), inputs.targets
