@@ -188,3 +188,19 @@ def load_model(cfg: ModelConfig):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], **kwargs)
     model.config.use_cache = False
     return model
+
+
+def prefetch_model(cfg: ModelConfig) -> None:
+    """Download a hub model's files into the local cache, so that loading reads from disk.
+
+    Called on one rank per node before the others load (:func:`dude_dist.distributed.on_each_node_first`):
+    a 140 GB download then happens once per node, not once per rank. A local folder, a
+    ``pkg:`` model or an offline hub (``HF_HUB_OFFLINE=1``) needs nothing.
+    """
+    path = resolve_model_path(cfg.name_or_path)
+    if Path(path).is_dir() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(path, revision=cfg.revision,
+                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"])
