@@ -91,6 +91,37 @@ def test_step0_logits_equal_original(arch, variant):
     assert (layer.lora_b @ layer.lora_a).norm() > 0.3 * layer.weight.norm()
 
 
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+@pytest.mark.parametrize("variant", ["dude", "dude_a", "dude_b"])
+def test_apply_dude_places_singular_values_as_the_variant_says(variant, svd):
+    """``adapter.variant`` reaches the initialiser: with the singular values ``S_r`` of each
+    original weight (an independent float64 SVD), ``dude_a`` has ``B^T B = I`` and
+    ``A A^T = S_r^2``, ``dude_b`` the reverse, ``dude`` ``A A^T = B^T B = S_r`` (all three give
+    the same ``B A`` and step-0 logits, so only the factors tell them apart)."""
+    rank = 8
+    model = tiny_model("llama", seed=3)
+    originals = {name: m.weight.detach().double().clone() for name, m in model.named_modules()
+                 if name.endswith(("q_proj", "v_proj"))}
+    apply_dude(model, DudeConfig(targets=("q_proj", "v_proj"), rank=rank, variant=variant, svd=svd))
+    layers = get_dude_layers(model)
+    assert set(layers) == set(originals) and len(layers) == 4
+    eye = torch.eye(rank, dtype=torch.float64)
+    for name, layer in layers.items():
+        s = torch.linalg.svdvals(originals[name])[:rank]
+        a, b = layer.lora_a.detach().double(), layer.lora_b.detach().double()
+        grams = {"aat": a @ a.T, "btb": b.T @ b}
+        want = {"dude": {"aat": torch.diag(s), "btb": torch.diag(s)},
+                "dude_a": {"aat": torch.diag(s**2), "btb": eye},
+                "dude_b": {"aat": eye, "btb": torch.diag(s**2)}}[variant]
+        # Randomized SVD approximates the singular values; its vectors are still orthonormal.
+        tol = 1e-5 if svd == "exact" else 2e-3  # measured: <= 5e-4 (randomized, these weights)
+        for key, gram in grams.items():
+            scale = max(want[key].abs().max().item(), 1.0)
+            assert (gram - want[key]).abs().max().item() <= tol * scale, (name, key, gram.diagonal(), want[key].diagonal())
+            off = gram - torch.diag(gram.diagonal())
+            assert off.abs().max().item() <= 1e-5 * scale, (name, key)
+
+
 def test_step0_on_the_real_stories_model(stories_path):
     model = AutoModelForCausalLM.from_pretrained(stories_path, dtype=torch.float32).eval()
     ids = torch.randint(3, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -190,8 +221,16 @@ def test_merge_gives_a_plain_model_with_the_trained_logits(arch):
     ids = tokens(seed=4)
     trained = logits(model, ids)
     assert rel_max_diff(trained, logits(original, ids)) > 1e-3  # the perturbation mattered
+    # The reference W' = m (W_f + B A) / ||W_f + B A||_row, materialised in float64 (not row_norm).
+    want = {}
+    for name, layer in get_dude_layers(model).items():
+        full = layer.weight.double() + layer.lora_b.detach().double() @ layer.lora_a.detach().double()
+        want[name] = layer.magnitude.detach().double()[:, None] * full / full.norm(dim=1, keepdim=True)
 
     merged = merge_dude(model)
+    for name, weight in want.items():
+        got = merged.get_submodule(name).weight.double()
+        assert (got - weight).abs().max().item() <= 1e-6 * weight.abs().max().item(), name
     assert not any(isinstance(m, DudeLinear) for m in merged.modules())
     for name in ARCHS[arch][1]:
         layer = merged.get_submodule(f"model.layers.0.self_attn.{name}")

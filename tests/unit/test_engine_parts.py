@@ -41,6 +41,30 @@ def test_sampler_is_world_size_independent_and_disjoint():
         StepSampler(5, one.layout, seed=0)
 
 
+@pytest.mark.parametrize(("num_samples", "micro", "accum", "world", "seed"),
+                         [(50, 2, 1, 1, 0), (50, 2, 3, 2, 7), (37, 1, 2, 3, 3), (64, 4, 2, 2, 1)])
+def test_sampler_takes_the_documented_slice_of_the_seeded_permutation(num_samples, micro, accum, world, seed):
+    """An independent reference: epoch ``e`` is ``randperm(n)`` seeded ``seed + e``; step ``s``
+    takes its ``s``-th block of ``global`` indices (the tail that fills no block is dropped);
+    rank ``k`` the ``k``-th contiguous slice of that block, cut into micro-batches."""
+    from dude_dist.config import BatchLayout
+
+    layout = BatchLayout(micro_batch_size=micro, grad_accum=accum, world_size=world)
+    sampler = StepSampler(num_samples, layout, seed=seed)
+    size = micro * accum * world
+    steps_per_epoch = num_samples // size
+    assert sampler.steps_per_epoch == steps_per_epoch
+    for step in range(int(2.5 * steps_per_epoch) + 1):
+        epoch, within = divmod(step, steps_per_epoch)
+        perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        block = perm[within * size:(within + 1) * size]
+        assert sampler.global_batch(step) == block, step
+        for rank in range(world):
+            mine = block[rank * micro * accum:(rank + 1) * micro * accum]
+            want = [mine[i * micro:(i + 1) * micro] for i in range(accum)]
+            assert sampler.micro_batches(step, rank) == want, (step, rank)
+
+
 def _cfg(**train) -> RunConfig:
     return load_config(None, ["model.name_or_path=x", *[f"train.{k}={v}" for k, v in train.items()]])
 
@@ -189,7 +213,13 @@ def test_loss_from_labelled_positions_only_equals_the_full_logits_loss(stories_p
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
         results[keep] = (loss.item(), count, grads)
     assert results[True][1] == results[False][1] == (39 - 24) + (39 - 11)
-    assert results[True][0] == pytest.approx(results[False][0], rel=1e-12)
+    with torch.no_grad():  # the reference: cross-entropy of every next token, written out here
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1], dim=-1)
+        target = labels[:, 1:]
+        picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        reference = -(picked * (target != -100)).sum().item()
+    assert results[False][0] == pytest.approx(reference, rel=1e-6)  # the loss is summed in float32
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-6)  # float32 sums of other lengths
     assert torch.allclose(results[True][2], results[False][2], rtol=1e-10, atol=1e-14)
     empty = {**batch, "labels": torch.full_like(labels, -100)}
     assert token_loss_sum(model, empty)[1] == 0 and token_loss_sum(model, empty)[0].item() == 0.0

@@ -143,6 +143,69 @@ def test_gsm8k_end_to_end_is_deterministic(model, tokenizer, data_dir):
     assert [r["reference"] for r in first["records"]] == [i["reference"] for i in items]
 
 
+class ScriptedGenerate:
+    """Stands in for :func:`dude_dist.evaluate.generate`: records the prompts, returns ``completions``."""
+
+    def __init__(self, completions: list[str]) -> None:
+        self.completions = completions
+        self.prompts: list[str] = []
+
+    def __call__(self, model, tokenizer, prompts, batch_size, max_new_tokens, synced_gpus=False):
+        self.prompts += list(prompts)
+        assert len(prompts) == len(self.completions)
+        return list(self.completions)
+
+
+def _wrong(number: str) -> str:
+    return str(int(float(number)) + 1)
+
+
+@pytest.mark.parametrize("right", [[1] * 8, [0] * 8, [1, 0, 0, 1, 1, 0, 1, 0]])
+def test_gsm8k_scores_the_reference_answers_right_and_others_wrong(monkeypatch, data_dir, right):
+    from dude_dist.data import question_prompt
+
+    items = load_gsm8k_items((str(data_dir / "gsm8k" / "test.jsonl"),), limit=8)
+    forms = ["She has {} apples left.\n#### {}", "So the answer is ${}.", "{} + 0 = {}"]
+    completions = []
+    for i, (item, ok) in enumerate(zip(items, right)):
+        answer = item["reference"] if ok else _wrong(item["reference"])
+        form = forms[i % len(forms)]
+        completions.append(form.format(*([answer] * form.count("{}"))))
+    fake = ScriptedGenerate(completions)
+    monkeypatch.setattr("dude_dist.evaluate.generate", fake)
+    result = evaluate_gsm8k(None, None, items, batch_size=4, max_new_tokens=16)
+    assert fake.prompts == [question_prompt("gsm8k", item["question"]) for item in items]
+    assert result["n"] == 8 and result["correct"] == sum(right)
+    assert result["accuracy"] == sum(right) / 8
+    assert [r["correct"] for r in result["records"]] == [bool(ok) for ok in right]
+    assert [r["predicted"] for r in result["records"]] == [
+        item["reference"] if ok else _wrong(item["reference"]) for item, ok in zip(items, right)]
+
+
+@pytest.mark.parametrize("right", [[1] * 6, [0] * 6, [0, 1, 1, 0, 0, 1]])
+def test_commonsense_scores_the_reference_answers_right_and_others_wrong(monkeypatch, data_dir, right):
+    items = load_commonsense_items(data_dir / "commonsense", "boolq", limit=6)
+    flip = {"true": "false", "false": "true"}
+    completions = [f"the correct answer is {item['answer'] if ok else flip[item['answer']]}"
+                   for item, ok in zip(items, right)]
+    monkeypatch.setattr("dude_dist.evaluate.generate", ScriptedGenerate(completions))
+    result = evaluate_commonsense(None, None, "boolq", items, batch_size=4, max_new_tokens=8)
+    assert result["correct"] == sum(right) and result["accuracy"] == sum(right) / 6
+    assert [r["correct"] for r in result["records"]] == [bool(ok) for ok in right]
+
+
+def test_run_eval_reports_each_tasks_accuracy(monkeypatch, data_dir):
+    gsm8k = load_gsm8k_items((str(data_dir / "gsm8k" / "test.jsonl"),), limit=3)
+    piqa = load_commonsense_items(data_dir / "commonsense", "piqa", limit=3)
+    answers = iter([[f"#### {i['reference']}" for i in gsm8k],
+                    [i["answer"] if k else "none" for k, i in enumerate(piqa)]])
+    monkeypatch.setattr("dude_dist.evaluate.generate", lambda *args, **kwargs: next(answers))
+    cfg = EvalConfig(tasks=("gsm8k", "piqa"), gsm8k_sources=(str(data_dir / "gsm8k"),),
+                     commonsense_dir=str(data_dir / "commonsense"), limit=3)
+    results = run_eval(None, None, cfg)
+    assert (results["gsm8k"]["accuracy"], results["piqa"]["accuracy"]) == (1.0, 2 / 3)
+
+
 def test_commonsense_end_to_end(model, tokenizer, data_dir):
     items = load_commonsense_items(data_dir / "commonsense", "boolq", limit=4)
     result = evaluate_commonsense(model, tokenizer, "boolq", items, batch_size=4, max_new_tokens=8)

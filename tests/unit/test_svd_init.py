@@ -45,7 +45,7 @@ def w1024() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("spectrum", ["power", "exp"])
-def test_randomized_error_is_within_1e2_of_exact_on_1024(w1024, spectrum):
+def test_randomized_error_is_within_1e5_of_exact_on_1024(w1024, spectrum):
     w, s = w1024[spectrum]
     exact = factorize(w, RANK, method="exact")
     rand = factorize(w, RANK, method="randomized", name="model.layers.0.self_attn.q_proj")
@@ -53,16 +53,21 @@ def test_randomized_error_is_within_1e2_of_exact_on_1024(w1024, spectrum):
     # Eckart-Young: the best rank-r error is the tail of the spectrum.
     optimal = (s[RANK:].square().sum() / s.square().sum()).sqrt().item()
     assert abs(err_exact - optimal) <= 1e-4, (err_exact, optimal)
-    assert abs(err_rand - err_exact) <= 1e-2, f"randomized {err_rand:.6f} vs exact {err_exact:.6f}"
+    # Measured excess with the defaults (oversample 16, 4 power iterations): <= 2e-8.
+    assert abs(err_rand - err_exact) <= 1e-5, f"randomized {err_rand:.8f} vs exact {err_exact:.8f}"
     assert err_rand >= err_exact - 1e-5  # nothing beats the optimum
-    # Energy: the fraction of ||W||_F^2 in the top-r components.
+    # Energy: the fraction of ||W||_F^2 in the top-r components (measured gap <= 6e-7).
     want_energy = (s[:RANK].square().sum() / s.square().sum()).item()
     assert abs(exact.energy - want_energy) <= 1e-4
-    assert abs(rand.energy - want_energy) <= 1e-2
+    assert abs(rand.energy - exact.energy) <= 1e-5
+    # The bound tells the power iterations apart: without them the excess is >= 5e-3.
+    crude = factorize(w, RANK, method="randomized", name="model.layers.0.self_attn.q_proj", niter=0)
+    assert rel_error(w, crude.lora_a, crude.lora_b) - err_exact > 1e-3
 
 
 def test_randomized_is_at_least_20x_faster_than_exact_at_2048():
-    # Timed with whatever torch.get_num_threads() the environment gives (OMP_NUM_THREADS).
+    # Timed in CPU seconds of this process (not wall time, which other processes on a busy
+    # machine stretch), with whatever torch.get_num_threads() the environment gives.
     w = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))
     randomized_svd(w, RANK)  # warm-up (allocator, BLAS threads)
     rand_s = min(_timed(lambda: randomized_svd(w, RANK)) for _ in range(3))
@@ -75,9 +80,9 @@ def test_randomized_is_at_least_20x_faster_than_exact_at_2048():
 
 
 def _timed(fn) -> float:
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
 # --------------------------------------------------------------------------- seeding
@@ -89,7 +94,9 @@ def test_randomized_factors_are_bitwise_reproducible_per_name_and_seed():
     a = factorize(w, 8, name="layers.3.q_proj", seed=7, **kw)
     b = factorize(w, 8, name="layers.3.q_proj", seed=7, **kw)
     assert torch.equal(a.lora_a, b.lora_a) and torch.equal(a.lora_b, b.lora_b)
-    assert layer_seed("layers.3.q_proj", 7) == layer_seed("layers.3.q_proj", 7)
+    # Pinned: a change of the derivation would silently change every cached randomized factor.
+    assert layer_seed("layers.3.q_proj", 7) == 4735989351795661000
+    assert layer_seed("") == 7812857082101331642
     assert len({layer_seed("layers.3.q_proj", 7), layer_seed("layers.3.v_proj", 7), layer_seed("layers.3.q_proj", 8)}) == 3
 
 
