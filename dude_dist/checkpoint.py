@@ -7,8 +7,20 @@ Layout under ``<output_dir>/checkpoints``::
     latest                  name of the newest complete checkpoint, replaced by atomic rename
 
 A checkpoint directory is written under a ``.partial`` name, completed with
-``meta.json``, then renamed; ``latest`` is updated last. A crash at any point leaves the
-previous checkpoint complete and ``latest`` pointing at it.
+``meta.json`` and ``manifest.json`` (the size and sha256 of every file in it), then
+renamed; ``latest`` is updated last. A crash at any point, or a write that fails (a full
+disk), leaves the previous checkpoint complete and ``latest`` pointing at it; a failed
+write also removes the ``.partial`` folder and ends the run with a
+:class:`~dude_dist.errors.CheckpointError` naming the path.
+
+Before anything is loaded, :func:`verify_checkpoint` compares every file with the
+manifest (sizes, then sha256: a flipped byte inside a tensor is caught, not only a
+truncation), parses ``meta.json`` and checks each safetensors header against its file
+size. Checkpoints written before manifests existed are checked as far as their files
+allow. :func:`select_checkpoint` owns the resume policy: ``--resume auto`` skips a
+damaged newest checkpoint with a warning naming the file and falls back to the previous
+complete one; a checkpoint from another config (:data:`RESUME_KEYS`), another world size,
+or one already at ``train.max_steps`` is refused before the model loads.
 
 DeepSpeed's ``engine.load_checkpoint`` unpickles its ``*.pt`` files with
 ``torch.load(weights_only=False)``, which runs whatever code a pickle names. So before
@@ -20,27 +32,39 @@ otherwise.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
+import struct
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dude_dist.errors import CheckpointError
+from dude_dist.errors import CheckpointError, ConfigError, DudeError, TrainingError
 
 logger = logging.getLogger(__name__)
 
 PARTIAL = ".partial"
 META = "meta.json"
+MANIFEST = "manifest.json"
 LATEST = "latest"
 
+# Keys whose change makes a checkpoint meaningless for this run (checked on resume, export
+# and evaluation; recorded in every checkpoint's meta.json as its "fingerprint").
+RESUME_KEYS = ("model.name_or_path", "model.revision", "model.gguf_file", "adapter.targets", "adapter.rank",
+               "adapter.variant", "adapter.svd", "adapter.seed")
+
+# A failed write with less than this free on the checkpoint's file system is reported as a
+# full disk: torch's zip writer reports ENOSPC as "unexpected pos ...", without the errno.
+_DISK_FULL_BYTES = 64 * 2**20
 
 
 def _barrier() -> None:
@@ -82,58 +106,183 @@ def save_checkpoint(engine, root: str | Path, step: int, meta: dict, rank: int, 
     ``write_extra(directory)`` is called on every rank before the checkpoint is committed
     (the trainer writes the DuDe tensors as safetensors there). Every rank must call this.
     Returns the final directory.
+
+    Raises:
+        CheckpointError: a file could not be written (a full disk is named as such, with
+            the path); the ``.partial`` folder is removed and ``latest`` still names the
+            previous complete checkpoint.
     """
     root = Path(root)
     tag = step_tag(step)
     partial = root / (tag + PARTIAL)
-    if rank == 0:
-        if partial.exists():
-            shutil.rmtree(partial)
-        root.mkdir(parents=True, exist_ok=True)
-    _barrier()
-    engine.save_checkpoint(str(root), tag=tag + PARTIAL, save_latest=False, exclude_frozen_parameters=True)
-    torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
-    if write_extra is not None:
-        write_extra(partial)
-    _barrier()
+    final = root / tag
+    failure = ""
+    try:
+        if rank == 0:
+            if partial.exists():
+                shutil.rmtree(partial)
+            root.mkdir(parents=True, exist_ok=True)
+        _barrier()
+        engine.save_checkpoint(str(root), tag=tag + PARTIAL, save_latest=False, exclude_frozen_parameters=True)
+        torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
+        if write_extra is not None:
+            write_extra(partial)
+    except (OSError, RuntimeError) as exc:  # torch reports a failed zip write as RuntimeError
+        failure = _write_failure(partial, exc)
+    if _any_rank(bool(failure)):
+        _abandon(partial, rank)
+        raise CheckpointError(failure or f"another rank could not write checkpoint {partial}; nothing was "
+                              f"committed ({_kept(root)})")
     if fail_after_files:  # fault injection for tests: die between the files and the commit
         os._exit(17)
-    final = root / tag
     if rank == 0:
-        write_text_atomic(partial / META, json.dumps({"step": step, **meta}, indent=1, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        write_text_atomic(root / LATEST, tag)
-        _prune(root, keep_last)
-        logger.info("checkpoint saved: %s", final)
-    _barrier()
+        try:
+            write_text_atomic(partial / META, json.dumps({"step": step, **meta}, indent=1, sort_keys=True))
+            write_manifest(partial)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+        except OSError as exc:
+            failure = _write_failure(partial, exc)
+        if not failure:
+            try:
+                write_text_atomic(root / LATEST, tag)
+            except OSError as exc:  # the checkpoint is complete; find_resume also finds it without `latest`
+                logger.warning("checkpoint %s is complete but %s could not be updated: %s", final, root / LATEST, exc)
+            _prune(root, keep_last)
+            logger.info("checkpoint saved: %s", final)
+    if _any_rank(bool(failure)):
+        _abandon(partial, rank)
+        raise CheckpointError(failure or f"rank 0 could not commit checkpoint {partial} ({_kept(root)})")
     return final
 
 
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (the barrier that ends each phase of a save)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _abandon(partial: Path, rank: int) -> None:
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _kept(root: Path) -> str:
+    latest = find_resume(root)
+    return f"the newest complete checkpoint is still {latest}" if latest else "no earlier checkpoint exists"
+
+
+def _free_bytes(path: Path) -> int | None:
+    for candidate in (path, *path.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
+
+
+def _write_failure(partial: Path, exc: BaseException) -> str:
+    """One line for a failed checkpoint write: a full disk says so and names the path."""
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    where = getattr(exc, "filename", None) or partial
+    free = _free_bytes(partial)
+    full = (getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc) or "os error 28" in str(exc)
+            or (free is not None and free < _DISK_FULL_BYTES))
+    kept = _kept(partial.parent)
+    if full:
+        free_text = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
+        return (f"no space left on device (ENOSPC) writing checkpoint {where} ({free_text}; {text}); the "
+                f"unfinished {partial.name} was removed and {kept}; free space, then resume with --resume auto")
+    return (f"could not write checkpoint {where}: {type(exc).__name__}: {text}; the unfinished {partial.name} "
+            f"was removed and {kept}")
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST and ".tmp" not in p.name)
+
+
+def write_manifest(directory: str | Path) -> dict:
+    """Record the size and sha256 of every file under ``directory`` in ``manifest.json``."""
+    directory = Path(directory)
+    files = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _hash_file(p)}
+             for p in _checkpoint_files(directory)}
+    manifest = {"version": 1, "files": files}
+    write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Committed checkpoint folders under ``root`` (they have ``meta.json``), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL)
+                  and (p / META).is_file())
+
+
 def _prune(root: Path, keep_last: int) -> None:
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL)
-                      and (p / META).is_file())
-    for old in complete[:-keep_last]:
+    for old in complete_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def find_resume(root: str | Path) -> Path | None:
-    """The newest complete checkpoint (``latest`` if valid, else the highest complete step)."""
+def _latest_name(root: Path) -> str | None:
+    try:
+        return (root / LATEST).read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def resume_candidates(root: str | Path) -> list[Path]:
+    """Complete checkpoints newest first, the one ``latest`` names leading (not verified)."""
     root = Path(root)
-    latest = root / LATEST
-    if latest.is_file():
-        candidate = root / latest.read_text().strip()
-        if (candidate / META).is_file():
-            return candidate
-        logger.warning("%s names %s, which is incomplete; looking for another", latest, candidate.name)
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL)
-                      and (p / META).is_file())
-    return complete[-1] if complete else None
+    complete = complete_checkpoints(root)[::-1]
+    name = _latest_name(root)
+    if name is not None:
+        named = root / name
+        if named in complete:
+            complete.remove(named)
+            complete.insert(0, named)
+        elif (root / LATEST).exists():
+            logger.warning("%s names %s, which is incomplete; looking for another", root / LATEST, name)
+    return complete
 
 
-def read_meta(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / META).read_text())
+def find_resume(root: str | Path) -> Path | None:
+    """The newest complete checkpoint (``latest`` if valid, else the highest complete step),
+    not verified: :func:`select_checkpoint` and :func:`newest_verified` check it before use."""
+    candidates = resume_candidates(root)
+    return candidates[0] if candidates else None
+
+
+def read_meta(ckpt: str | Path) -> dict:
+    """The checkpoint's ``meta.json``.
+
+    Raises:
+        CheckpointError: it is missing, not UTF-8 JSON, or has no ``step``.
+    """
+    path = Path(ckpt) / META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: {META} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: {META} cannot be read ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: {META} has no integer 'step'")
+    return meta
 
 
 def _deepspeed_safe_globals() -> list:
@@ -168,19 +317,262 @@ def verify_checkpoint_files(ckpt: str | Path) -> None:
     ``torch.load`` could run it. Tensor data is memory-mapped, not read.
 
     Raises:
-        CheckpointError: a file that the restricted unpickler rejects (the message names
-            the file and the offending global).
+        CheckpointError: a file that the restricted unpickler rejects or that cannot be
+            read (the message names the file and, for a tampered one, the offending global).
     """
     allowed = _deepspeed_safe_globals()
     for path in sorted(Path(ckpt).glob("*.pt")):
         try:
+            is_zip = zipfile.is_zipfile(path)
             with torch.serialization.safe_globals(allowed):
                 # mmap needs torch's zip format; anything else is read whole (still restricted).
-                torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as exc:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        except OSError as exc:  # truncated (mmap past the end), unreadable
+            raise CheckpointError(f"checkpoint {ckpt} is damaged: {path.name} cannot be read "
+                                  f"({exc.strerror or exc}; {path.stat().st_size if path.exists() else 0} bytes)"
+                                  ) from None
+        except Exception as exc:  # noqa: BLE001  (whatever the restricted unpickler raises: the file is refused)
             raise CheckpointError(
-                f"refusing to load checkpoint {ckpt}: {path.name}: {_unpickling_problem(exc)}; the file may have "
-                "been tampered with (nothing in it was run)") from None
+                f"refusing to load checkpoint {ckpt}: {path.name}: {_unpickling_problem(exc)}; the file is damaged "
+                "or has been tampered with (nothing in it was run)") from None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Whether a safetensors file's header parses and its tensors end where the file does."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a safetensors header"
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            return f"its header claims {header_len} bytes but the file has {size}"
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    ends = [int(v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    expected = 8 + header_len + max(ends, default=0)
+    if expected != size:
+        return f"{size} bytes where its header needs {expected} (truncated or padded)"
+    return None
+
+
+def _read_manifest(ckpt: Path) -> dict[str, dict] | None:
+    path = ckpt / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        entries = {str(name): {"size": int(e["size"]), "sha256": str(e["sha256"])} for name, e in files.items()}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: {MANIFEST} cannot be read "
+                              f"({type(exc).__name__}: {exc})") from None
+    return entries
+
+
+def verify_checkpoint(ckpt: str | Path, *, checksums: bool = True) -> dict:
+    """Check every file of ``ckpt`` before anything loads it; return its meta dict.
+
+    In order: each file the manifest lists exists with its recorded size; ``meta.json``
+    parses; each safetensors header matches its file size; every ``*.pt`` file passes
+    :func:`verify_checkpoint_files`; with ``checksums``, each file's sha256 matches the
+    manifest (a flipped byte anywhere is caught). A checkpoint without a manifest (written
+    before manifests existed) gets every check but the sizes and checksums, and must hold
+    a DeepSpeed ``*model_states.pt`` file.
+
+    Raises:
+        CheckpointError: the first damaged file, named, and what is wrong with it.
+    """
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint {ckpt} does not exist or is not a folder")
+    manifest = _read_manifest(ckpt)
+    if manifest is not None:
+        for name, entry in manifest.items():
+            path = ckpt / name
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise CheckpointError(f"checkpoint {ckpt} is damaged: {name} is missing "
+                                      f"(the manifest records {entry['size']} bytes)") from None
+            except OSError as exc:
+                raise CheckpointError(f"checkpoint {ckpt} is damaged: {name} cannot be read ({exc})") from None
+            if size != entry["size"]:
+                raise CheckpointError(f"checkpoint {ckpt} is damaged: {name} has {size} bytes, the manifest "
+                                      f"records {entry['size']} (truncated or overwritten)")
+    meta = read_meta(ckpt)
+    if manifest is None and not any(ckpt.glob("*model_states.pt")):
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: it has no DeepSpeed *model_states.pt file")
+    for path in sorted(ckpt.glob("*.safetensors")):
+        try:
+            problem = safetensors_problem(path)
+        except OSError as exc:
+            problem = f"cannot be read ({exc})"
+        if problem:
+            raise CheckpointError(f"checkpoint {ckpt} is damaged: {path.name}: {problem}")
+    verify_checkpoint_files(ckpt)
+    if manifest is not None and checksums:
+        for name, entry in manifest.items():
+            try:
+                digest = _hash_file(ckpt / name)
+            except OSError as exc:
+                raise CheckpointError(f"checkpoint {ckpt} is damaged: {name} cannot be read ({exc})") from None
+            if digest != entry["sha256"]:
+                raise CheckpointError(f"checkpoint {ckpt} is damaged: {name} does not match its sha256 in the "
+                                      "manifest (its bytes changed after the save)")
+    elif manifest is None:
+        logger.info("checkpoint %s has no %s (written by an older dude_dist): sizes and checksums not checked",
+                    ckpt, MANIFEST)
+    return meta
+
+
+def newest_verified(root: str | Path) -> Path | None:
+    """The newest checkpoint under ``root`` that passes :func:`verify_checkpoint`; a damaged
+    newer one is skipped with a warning that names the damaged file. None: there is none.
+
+    Raises:
+        CheckpointError: checkpoints exist but every one is damaged (the message names the
+            newest's damage).
+    """
+    candidates = resume_candidates(root)
+    problems: list[str] = []
+    for ckpt in candidates:
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as exc:
+            logger.warning("%s; falling back to the previous complete checkpoint", exc)
+            problems.append(str(exc))
+            continue
+        if problems:
+            logger.warning("using %s: the %d newer checkpoint(s) are damaged", ckpt.name, len(problems))
+        return ckpt
+    if problems:
+        others = f"; the {len(problems) - 1} older checkpoint(s) are damaged too" if len(problems) > 1 else ""
+        raise CheckpointError(f"{problems[0]}{others}; no usable checkpoint under {Path(root)} "
+                              "(--resume none starts over and moves these aside)")
+    return None
+
+
+# --------------------------------------------------------------------------- resume policy
+
+
+def _lookup(cfg_dict: dict, dotted: str) -> Any:
+    node: Any = cfg_dict
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def fingerprint(cfg: Any) -> dict:
+    """The :data:`RESUME_KEYS` of a run config (a ``RunConfig`` or its plain dict)."""
+    from dude_dist.config import config_to_dict
+
+    cfg_dict = cfg if isinstance(cfg, dict) else config_to_dict(cfg)
+    return {key: _lookup(cfg_dict, key) for key in RESUME_KEYS}
+
+
+def fingerprint_differences(meta: dict, cfg: Any) -> list[str]:
+    """``"key: checkpoint X vs config Y"`` for every :data:`RESUME_KEYS` entry that differs."""
+    saved = meta.get("fingerprint") or {}
+    now = fingerprint(cfg)
+    return [f"{k}: checkpoint {saved[k]!r} vs config {now[k]!r}" for k in RESUME_KEYS
+            if k in saved and saved[k] != now[k]]
+
+
+def check_compatible(ckpt: Path, meta: dict, cfg: Any, world_size: int, force: bool = False) -> None:
+    """Refuse a checkpoint this run cannot continue from, before anything heavy loads.
+
+    Raises:
+        TrainingError: model/adapter keys differ (unless ``force``).
+        CheckpointError: written by another number of ranks (ZeRO's optimizer partitions
+            follow the world size).
+        ConfigError: ``train.max_steps`` is at or below the checkpoint's step: nothing to do.
+    """
+    differ = fingerprint_differences(meta, cfg)
+    if differ and not force:
+        raise TrainingError(f"refusing to resume from {ckpt}: {'; '.join(differ)} "
+                            "(pass --force-resume to override)")
+    saved_world = meta.get("world_size")
+    if isinstance(saved_world, int) and saved_world != world_size:
+        raise CheckpointError(
+            f"checkpoint {ckpt} was written by {saved_world} rank(s) but this run has {world_size}: its ZeRO "
+            f"optimizer state is split {saved_world} ways and cannot be resumed on another world size yet; resume "
+            f"with {saved_world} rank(s) (the same world size works), or start over with --resume none")
+    step, max_steps = int(meta["step"]), cfg.train.max_steps
+    if max_steps and step >= max_steps:
+        raise ConfigError(
+            f"nothing to do: checkpoint {ckpt} is already at step {step} and train.max_steps={max_steps}; raise "
+            f"train.max_steps above {step} to train further, or pass --resume none to start over")
+
+
+def select_checkpoint(root: str | Path, resume: str, cfg: Any, world_size: int,
+                      force: bool = False) -> Path | None:
+    """The checkpoint to continue from (None: start at step 0), verified and checked.
+
+    Args:
+        root: ``<output_dir>/checkpoints``.
+        resume: ``auto`` (the newest complete checkpoint that passes
+            :func:`verify_checkpoint`; a damaged newer one is skipped with a warning),
+            ``none``, or a checkpoint directory (a damaged one is an error).
+        cfg: the run config.
+        world_size: ranks of this run.
+        force: resume even if model/adapter keys differ (:func:`check_compatible`).
+
+    Verification reads every file, so with several ranks rank 0 does it and the others
+    receive its answer (or its error). Collective when a process group is up.
+
+    Raises:
+        CheckpointError, TrainingError, ConfigError: see :func:`verify_checkpoint`,
+            :func:`newest_verified` and :func:`check_compatible`.
+    """
+    if resume == "none":
+        return None
+
+    def choose() -> str | None:
+        if resume == "auto":
+            ckpt = newest_verified(root)
+            if ckpt is None:
+                return None
+            meta = read_meta(ckpt)
+        else:
+            ckpt = Path(resume)
+            if not (ckpt / META).is_file():
+                raise TrainingError(f"--resume {resume}: {ckpt} is not a complete checkpoint (no {META})")
+            try:
+                meta = verify_checkpoint(ckpt)
+            except CheckpointError as exc:
+                raise CheckpointError(f"--resume {resume}: {exc}") from None
+        check_compatible(ckpt, meta, cfg, world_size, force)
+        return str(ckpt)
+
+    chosen = _on_rank0(choose)
+    return Path(chosen) if chosen is not None else None
+
+
+def _on_rank0(fn):
+    """``fn()`` on rank 0; every other rank gets its result, or raises its user error."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except DudeError as exc:
+            box = [("error", type(exc).__name__, str(exc))]
+        except BaseException:  # a bug: rank 0 keeps its traceback, the others stop instead of waiting
+            dist.broadcast_object_list([("error", "CheckpointError", "rank 0 failed while checking the checkpoint "
+                                         "(its traceback says why)")], src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    if box[0][0] == "ok":
+        return box[0][1]
+    kinds = {cls.__name__: cls for cls in (CheckpointError, ConfigError, TrainingError)}
+    raise kinds.get(box[0][1], CheckpointError)(box[0][2])
 
 
 def load_checkpoint(engine, ckpt: str | Path, rank: int) -> dict:
