@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="model dtype; bfloat16 also turns on DeepSpeed's and the Trainer's bf16")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     return p.parse_args(argv)
 
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
     from dude_dist.zero import build_ds_config
 
     run_cfg = RunConfig(
-        model=ModelConfig(name_or_path=args.model, dtype="float32"),
+        model=ModelConfig(name_or_path=args.model, dtype=args.dtype),
         adapter=DudeConfig(targets=tuple(args.targets), rank=args.rank),
         data=DataConfig(sources=(args.data or str(GSM8K_TRAIN),), format="gsm8k", max_seq_len=args.max_seq_len,
                         limit=args.limit),
@@ -108,10 +110,11 @@ def main(argv=None) -> int:
         gradient_checkpointing=not args.no_gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False,
         dataloader_num_workers=0, deepspeed=ds_config, accelerator_config={"use_configured_state": True},
+        bf16=args.dtype == "bfloat16", use_cpu=args.dtype == "bfloat16" and not torch.cuda.is_available(),
     )
 
     t0 = time.perf_counter()  # TrainingArguments(deepspeed=...) made from_pretrained partition under zero.Init
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     model.config.use_cache = False
     load_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -160,7 +163,8 @@ def main(argv=None) -> int:
     torch.distributed.all_gather_object(per_rank_tokens, tokens_seen)
     torch.distributed.all_gather_object(per_rank_cpu, cpu_seconds)
     steps = len(step_seconds)
-    tokens_per_step = [sum(r[s] for r in per_rank_tokens) for s in range(steps)]
+    accum = layout.grad_accum  # the collator runs once per micro-batch, accum times per step and rank
+    tokens_per_step = [sum(sum(r[s * accum:(s + 1) * accum]) for r in per_rank_tokens) for s in range(steps)]
     if rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

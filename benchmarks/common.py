@@ -189,7 +189,8 @@ def write_results(name: str, *, title: str, settings: dict[str, Any], tables: di
     md_path = RESULTS / f"{name}.md"
     md_path.write_text("\n".join(parts))
     print("\n".join(parts))
-    print(f"wrote {json_path.relative_to(ROOT)} and {md_path.relative_to(ROOT)}")
+    shown = [os.path.relpath(path, ROOT) if path.is_relative_to(ROOT) else str(path) for path in (json_path, md_path)]
+    print(f"wrote {shown[0]} and {shown[1]}")
     if update_readme(name):
         print(f"updated the results/{name}.md block of benchmarks/README.md")
     return json_path, md_path

@@ -18,7 +18,11 @@ targets q_proj + v_proj at rank 4:
 Model sizes: ``stories260K`` is the real pretrained 260K-parameter Llama (hidden 64, 5
 layers) where per-step overheads dominate; ``llama-h512-l4`` is a random-weight Llama
 (hidden 512, 4 layers, 8 heads, MLP 1376, the stories tokenizer) saved to a temp folder,
-big enough that the layers' cost shows.
+big enough that the layers' cost shows; ``qwen0.5b-v32k`` is a random-weight model of
+Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864, q/k/v bias,
+tied embeddings) with the vocabulary cut to 32768 (the stories tokenizer uses ids < 512),
+for a GPU. ``--nproc`` and ``--dtype`` set the ranks and the precision (a GPU run:
+``--nproc 1 --dtype bfloat16 --sizes qwen0.5b-v32k``; NCCL whenever CUDA is present).
 
 Measured: tokens/s in steady state (sum of non-padding tokens over the steps after the
 first ``--skip``, divided by the sum of their step seconds), start-up and init seconds,
@@ -43,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import GSM8K_TRAIN, ROOT, STORIES, mib, proc_env, torchrun_cmd, wait_for_quiet, write_results  # noqa: E402
 
 SYSTEMS = ("dude_dist", "peft_dora_pissa", "peft_lora")
+SIZES = ("stories260K", "llama-h512-l4", "qwen0.5b-v32k")
 RANK = 4
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -59,6 +64,26 @@ def build_llama_h512(folder: Path) -> Path:
                       bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (STORIES / name).is_file():
+            shutil.copy(STORIES / name, folder / name)
+    return folder
+
+
+def build_qwen_shape(folder: Path, *, layers: int = 24, vocab: int = 32768, hidden: int = 896, heads: int = 14,
+                     kv_heads: int = 2, intermediate: int = 4864) -> Path:
+    """A random-weight Qwen2 model (Qwen2.5-0.5B's shape by default, vocabulary cut to ``vocab``),
+    saved in bfloat16 with the stories tokenizer (reused if present)."""
+    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+        return folder
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                      max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
     for name in TOKENIZER_FILES:
         if (STORIES / name).is_file():
             shutil.copy(STORIES / name, folder / name)
@@ -127,10 +152,11 @@ def launch(cmd: list[str], log: Path, timeout: float) -> tuple[float, int, int]:
     return time.perf_counter() - t0, peak_sum, peak_one
 
 
-def run_dude(model: Path, out: Path, steps: int, timeout: float) -> dict:
+def run_dude(model: Path, out: Path, steps: int, timeout: float, nproc: int = 2, dtype: str = "float32") -> dict:
     overrides = [f"output_dir={out}", f"model.name_or_path={model}", f"train.max_steps={steps}",
-                 "train.save_every=0", "data.eval_size=0", f"adapter.rank={RANK}"]
-    cmd = torchrun_cmd(2) + [str(ROOT / "benchmarks" / "_dude_train.py"), "--config", "configs/tiny_cpu.yaml",
+                 "train.save_every=0", "data.eval_size=0", f"adapter.rank={RANK}", f"model.dtype={dtype}",
+                 f"data.sources=[{GSM8K_TRAIN}]"]
+    cmd = torchrun_cmd(nproc) + [str(ROOT / "benchmarks" / "_dude_train.py"), "--config", "configs/tiny_cpu.yaml",
                              "--resume", "none"]
     for item in overrides:
         cmd += ["--set", item]
@@ -139,7 +165,7 @@ def run_dude(model: Path, out: Path, steps: int, timeout: float) -> dict:
     steps_rows = [r for r in rows if "train/step_time_s" in r]
     summary = json.loads((out / "summary.json").read_text())
     timing = json.loads((out / "bench_timing.json").read_text())
-    cpu = [json.loads((out / f"bench_cpu_rank{k}.json").read_text()) for k in range(2)]
+    cpu = [json.loads((out / f"bench_cpu_rank{k}.json").read_text()) for k in range(nproc)]
     return {
         "step_seconds": [r["train/step_time_s"] for r in steps_rows],
         "step_cpu_seconds_per_rank": cpu,
@@ -151,10 +177,11 @@ def run_dude(model: Path, out: Path, steps: int, timeout: float) -> dict:
     }
 
 
-def run_hf(method: str, model: Path, out: Path, steps: int, timeout: float) -> dict:
-    cmd = torchrun_cmd(2) + [str(ROOT / "benchmarks" / "_hf_peft_baseline.py"), "--method", method,
-                             "--model", str(model), "--out", str(out), "--steps", str(steps), "--rank", str(RANK),
-                             "--data", str(GSM8K_TRAIN)]
+def run_hf(method: str, model: Path, out: Path, steps: int, timeout: float, nproc: int = 2,
+           dtype: str = "float32") -> dict:
+    cmd = torchrun_cmd(nproc) + [str(ROOT / "benchmarks" / "_hf_peft_baseline.py"), "--method", method,
+                                 "--model", str(model), "--out", str(out), "--steps", str(steps), "--rank", str(RANK),
+                                 "--data", str(GSM8K_TRAIN), "--dtype", dtype]
     wall, peak_sum, peak_one = launch(cmd, out.with_suffix(".log"), timeout)
     rec = json.loads((out / "hf_result.json").read_text())
     rec.pop("ds_config", None)
@@ -171,12 +198,13 @@ def steady(rec: dict, skip: int) -> tuple[float, float, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="+", default=["stories260K", "llama-h512-l4"],
-                   choices=["stories260K", "llama-h512-l4"])
+    p.add_argument("--sizes", nargs="+", default=["stories260K", "llama-h512-l4"], choices=SIZES)
     p.add_argument("--steps", type=int, default=20, help="optimizer steps for stories260K")
-    p.add_argument("--steps-large", type=int, default=12, help="optimizer steps for llama-h512-l4")
+    p.add_argument("--steps-large", type=int, default=12, help="optimizer steps for llama-h512-l4 and qwen0.5b-v32k")
     p.add_argument("--skip", type=int, default=5, help="first steps left out of tokens/s (stories260K)")
-    p.add_argument("--skip-large", type=int, default=3, help="first steps left out of tokens/s (llama-h512-l4)")
+    p.add_argument("--skip-large", type=int, default=3, help="first steps left out of tokens/s (the larger sizes)")
+    p.add_argument("--nproc", type=int, default=2, help="ranks per system (GPUs when CUDA is present)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per system, in rounds with a rotating order; the table gives medians")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
@@ -187,6 +215,10 @@ def main(argv=None) -> int:
                    help="wait up to this long for an idle CPU before timing (and before each launch)")
     args = p.parse_args(argv)
     busy_at_start = wait_for_quiet(timeout=args.wait_quiet)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    ranks = f"{args.nproc} rank{'s' if args.nproc != 1 else ''}"
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="dude_bench_train_"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -196,6 +228,8 @@ def main(argv=None) -> int:
     for size in args.sizes:
         if size == "stories260K":
             model, steps, skip = STORIES, args.steps, args.skip
+        elif size == "qwen0.5b-v32k":
+            model, steps, skip = build_qwen_shape(work / size), args.steps_large, args.skip_large
         else:
             model, steps, skip = build_llama_h512(work / "llama-h512-l4"), args.steps_large, args.skip_large
         runs: dict[str, list[dict]] = {system: [] for system in args.systems}
@@ -206,9 +240,9 @@ def main(argv=None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
                 busy = wait_for_quiet(timeout=args.wait_quiet)
                 if system == "dude_dist":
-                    rec = run_dude(model, out, steps, args.timeout)
+                    rec = run_dude(model, out, steps, args.timeout, args.nproc, args.dtype)
                 else:
-                    rec = run_hf(system.removeprefix("peft_"), model, out, steps, args.timeout)
+                    rec = run_hf(system.removeprefix("peft_"), model, out, steps, args.timeout, args.nproc, args.dtype)
                 rec["tokens_per_s"], rec["median_step_s"], rec["tokens_per_cpu_s"] = steady(rec, skip)
                 rec["skip"] = skip
                 rec["cpu_busy_before"] = busy
@@ -238,11 +272,12 @@ def main(argv=None) -> int:
                f"same tokens per step in every system: {'yes' if same else 'NO'}"] = (
             ["system", "tokens/s", "range", "× peft_dora_pissa", "× peft_lora", "median step ms", "tokens/CPU-s",
              "× peft_dora_pissa (CPU)", "× peft_lora (CPU)", "model load s",
-             "adapter init s", "start-up s", "peak RSS / rank MiB", "peak RSS 2 ranks MiB", "loss step 1",
+             "adapter init s", "start-up s", "peak RSS / rank MiB", f"peak RSS {ranks} MiB", "loss step 1",
              "loss last"], rows)
     notes = [
         "Goals: dude_dist ≥ 1.3× peft_dora_pissa tokens/s and ≥ 0.9× peft_lora tokens/s.",
-        "2 ranks (torchrun), 1 thread each, gloo, DeepSpeed ZeRO-3, fp32, global batch 4 (micro 2), max_seq_len 256, "
+        f"{ranks} (torchrun), {'1 GPU' if cuda else '1 thread'} each, {'nccl' if cuda else 'gloo'}, "
+        f"DeepSpeed ZeRO-3, {'fp32' if args.dtype == 'float32' else args.dtype}, global batch 4 (micro 2), max_seq_len 256, "
         f"rank {RANK} on q_proj+v_proj, non-reentrant gradient checkpointing, GSM8K train (first 512 records).",
         "tokens = non-padding tokens of the global batch. Step seconds: dude_dist's train/step_time_s (metrics.jsonl); "
         "HF: time between consecutive on_step_end callbacks (includes fetching the batch). tokens/CPU-s: the same "
@@ -255,10 +290,16 @@ def main(argv=None) -> int:
         "over each micro-batch's tokens; step 1 is identical for the same model and adapter init.",
         "stories260K: real pretrained weights; llama-h512-l4: random weights (same tokenizer), for layer cost.",
     ]
-    write_results(args.name, title="Training throughput, 2 CPU ranks, ZeRO-3",
+    if "qwen0.5b-v32k" in args.sizes:
+        notes.append("qwen0.5b-v32k: random weights of Qwen2.5-0.5B's shape (24 layers, hidden 896, 14/2 heads, "
+                     "MLP 4864), vocabulary cut to 32768, stories tokenizer.")
+    title = f"Training throughput, {args.nproc} {'GPU' if cuda else 'CPU'} {ranks.split()[1]}, ZeRO-3"
+    if args.dtype != "float32":
+        title += f", {args.dtype}"
+    write_results(args.name, title=title,
                   settings={**vars(args), "cpu_busy_at_start": busy_at_start, "rank": RANK, "work_dir": str(work),
                             "seconds_total": time.perf_counter() - t_start},
-                  tables=tables, records=records, notes=notes)
+                  tables=tables, records=records, notes=notes, device="cuda" if cuda else "cpu")
     return 0
 
 

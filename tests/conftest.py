@@ -27,6 +27,19 @@ def stories_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def test_device():
+    """The torch device numerics tests run on: ``DUDE_TEST_DEVICE`` (``cpu`` unless set;
+    ``cuda`` on a GPU machine, as benchmarks/gpu_check.py sets it). A device that is asked
+    for but absent fails the test rather than quietly testing the CPU again."""
+    import torch
+
+    device = torch.device(os.environ.get("DUDE_TEST_DEVICE", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"DUDE_TEST_DEVICE={device} but torch sees no CUDA device")
+    return device
+
+
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA.is_dir():
         pytest.fail(f"the real test data is missing: {DATA} (shared/ must sit beside the checkout)")

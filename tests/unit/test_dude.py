@@ -62,11 +62,11 @@ def max_diff(a: dict, b: dict) -> dict[str, float]:
 # --------------------------------------------------------------------------- gradients
 
 
-def test_exact_gradients_match_float64_reference_through_the_norm():
-    layer = make_layer(norm_grad="exact").double()
+def test_exact_gradients_match_float64_reference_through_the_norm(test_device):
+    layer = make_layer(norm_grad="exact").double().to(test_device)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 5, IN, generator=gen, dtype=torch.float64)
-    g = torch.randn(2, 5, OUT, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 5, IN, generator=gen, dtype=torch.float64).to(test_device)
+    g = torch.randn(2, 5, OUT, generator=gen, dtype=torch.float64).to(test_device)
 
     got = grads_of(layer, x, g)
     want = reference_grads(layer, x, g, detach_norm=False)
@@ -80,11 +80,11 @@ def test_exact_gradients_match_float64_reference_through_the_norm():
         assert (layer(x) - y_ref).abs().max().item() <= 1e-12
 
 
-def test_detach_gradients_match_detached_reference_and_differ_from_exact():
-    layer = make_layer(norm_grad="detach").double()
+def test_detach_gradients_match_detached_reference_and_differ_from_exact(test_device):
+    layer = make_layer(norm_grad="detach").double().to(test_device)
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(7, IN, generator=gen, dtype=torch.float64)
-    g = torch.randn(7, OUT, generator=gen, dtype=torch.float64)
+    x = torch.randn(7, IN, generator=gen, dtype=torch.float64).to(test_device)
+    g = torch.randn(7, OUT, generator=gen, dtype=torch.float64).to(test_device)
 
     got = grads_of(layer, x, g)
     detached = reference_grads(layer, x, g, detach_norm=True)
@@ -152,12 +152,12 @@ def test_no_out_by_in_tensor_is_saved_for_backward(norm_grad):
 
 
 @pytest.mark.parametrize("norm_grad", ["exact", "detach"])
-def test_recompute_keeps_what_lora_keeps_with_the_same_gradients(norm_grad):
-    layer = make_layer(norm_grad=norm_grad).double()
+def test_recompute_keeps_what_lora_keeps_with_the_same_gradients(norm_grad, test_device):
+    layer = make_layer(norm_grad=norm_grad).double().to(test_device)
     gen = torch.Generator().manual_seed(3)
     tokens = 400  # many tokens: [tokens, out] outweighs everything else the layer keeps
-    x0 = torch.randn(4, tokens // 4, IN, generator=gen, dtype=torch.float64)
-    g = torch.randn(4, tokens // 4, OUT, generator=gen, dtype=torch.float64)
+    x0 = torch.randn(4, tokens // 4, IN, generator=gen, dtype=torch.float64).to(test_device)
+    g = torch.randn(4, tokens // 4, OUT, generator=gen, dtype=torch.float64).to(test_device)
     results = {}
     for recompute in (False, True):
         layer.recompute = recompute
@@ -214,10 +214,10 @@ def test_zero_norm_row_gives_finite_forward_and_backward(norm_grad, zero_magnitu
         assert torch.isfinite(layer.merged_weight()).all()
 
 
-def test_bfloat16_module_keeps_squared_norms_in_float32():
-    layer = make_layer()
+def test_bfloat16_module_keeps_squared_norms_in_float32(test_device):
+    layer = make_layer().to(test_device)
     sq32 = layer.weight_sq_norm.clone()
-    x = torch.randn(3, IN)
+    x = torch.randn(3, IN).to(test_device)
     y32 = layer(x).detach()
 
     layer.bfloat16()
