@@ -20,10 +20,18 @@ def base_parser(doc: str | None) -> argparse.ArgumentParser:
 
 
 def run_cli(body: Callable[[], None]) -> int:
-    """Run ``body``; a user error (bad config, data, paths) is one ``error:`` line and exit code 2."""
+    """Run ``body``; a user error (bad config, data, paths) is one ``error:`` line and exit code 2.
+
+    An interrupt that gets through (a second Ctrl-C; the first one checkpoints and stops
+    cleanly) is one line and exit code 130, as a shell reports SIGINT.
+    """
     try:
         body()
     except (DudeError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print(f"error: interrupted: {exc or 'Ctrl-C'}; resume from the newest checkpoint with --resume auto",
+              file=sys.stderr)
+        return 130
     return 0

@@ -54,6 +54,19 @@ class DistEnv:
         return self.rank == 0
 
     @property
+    def ranks_per_node(self) -> int:
+        """Ranks on this node: the launcher's ``LOCAL_WORLD_SIZE``/``LOCAL_SIZE``, else the GPUs
+        here (capped by the world size), else the world size."""
+        for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+            value = os.environ.get(key, "")
+            if value.isdigit() and int(value) > 0:
+                return min(int(value), self.world_size)
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return min(count, self.world_size) if count else self.world_size
+
+    @property
     def device(self):
         """Where this rank's model runs: its GPU (``local_rank % device_count``) or the CPU."""
         import torch

@@ -57,13 +57,22 @@ class StopRequests:
     """Signal handlers and the launcher check behind "stop at the next step boundary".
 
     Args:
-        watch_parent: also stop when this process is re-parented (its launcher died).
+        launcher: how this process was started (:attr:`dude_dist.distributed.DistEnv.launcher`).
+            Under a launcher the rank also stops when the launcher is gone: torchrun, mpirun
+            and srun are the rank's parent; the ``deepspeed`` command is its grandparent
+            (the parent is ``deepspeed.launcher.launch``, which outlives a ``deepspeed``
+            killed alone). A plain ``python`` run watches nothing, so ``nohup`` keeps working.
     """
 
-    def __init__(self, watch_parent: bool) -> None:
+    def __init__(self, launcher: str) -> None:
         self.reason = ""
         self._interrupts = 0
-        self._parent = os.getppid() if watch_parent else None
+        self._watch: list[tuple[int, int]] = []  # (pid, the pid's parent when we started)
+        if launcher != "single":
+            parent = os.getppid()
+            self._watch.append((os.getpid(), parent))
+            if launcher == "deepspeed":
+                self._watch.append((parent, _parent_of(parent)))
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
 
@@ -71,7 +80,7 @@ class StopRequests:
         if signum == signal.SIGINT:
             self._interrupts += 1
             if self._interrupts > 1:
-                raise KeyboardInterrupt("second Ctrl-C: stopping at once, without a checkpoint")
+                raise KeyboardInterrupt("a second Ctrl-C stopped the run at once, without a checkpoint")
         if not self.reason:
             name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
             self.reason = name
@@ -81,10 +90,29 @@ class StopRequests:
 
     def requested(self) -> bool:
         """Whether this rank wants to stop (a signal, or its launcher is gone)."""
-        if not self.reason and self._parent is not None and os.getppid() != self._parent:
-            self.reason = f"the launcher (pid {self._parent}) exited"
-            logger.warning("%s: will checkpoint at the next step boundary and exit", self.reason)
+        if not self.reason:
+            for pid, parent in self._watch:
+                if _parent_of(pid) != parent:
+                    self.reason = f"the launcher (pid {parent}) exited"
+                    logger.warning("%s: will checkpoint at the next step boundary and exit", self.reason)
+                    break
         return bool(self.reason)
+
+
+def _parent_of(pid: int) -> int:
+    """The parent pid of ``pid`` (0 if ``pid`` is gone)."""
+    if pid == os.getpid():
+        return os.getppid()
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        import psutil
+
+        try:
+            return psutil.Process(pid).ppid()
+        except psutil.Error:
+            return 0
 
 
 def is_comm_failure(exc: BaseException) -> bool:

@@ -36,6 +36,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import psutil
 import torch
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -57,7 +58,13 @@ from dude_dist.run_dir import RUN_OUTPUTS, RunDir  # noqa: F401  (RUN_OUTPUTS: w
 from dude_dist.sampler import StepSampler
 from dude_dist.sharded_init import Comm, cache_key
 from dude_dist.tracking import Tracker, peak_memory_bytes
-from dude_dist.zero import build_ds_config, initialize_engine, keep_whole, model_init_context
+from dude_dist.zero import (
+    build_ds_config,
+    check_replicated_model_fits,
+    initialize_engine,
+    keep_whole,
+    model_init_context,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +126,7 @@ class Trainer:
         self._keep_logits = accepts_logits_to_keep(self.engine.module)
         self._can_skip = hasattr(self.engine.optimizer, "overflow")
         self._step = self.start_step
-        self.stops = StopRequests(watch_parent=self.env.launcher != "single")
+        self.stops = StopRequests(self.env.launcher)
         set_step_timeout(cfg.deepspeed.step_timeout_s)
         self.startup_seconds = time.perf_counter() - t_start
         logger.info("start-up took %.1f s", self.startup_seconds)
@@ -164,6 +171,9 @@ class Trainer:
         """Model (under ``zero.Init`` for ZeRO-3), DuDe layers and their init, checkpointing,
         optimizer, schedule, and the DeepSpeed engine."""
         cfg = self.cfg
+        check_replicated_model_fits(cfg, self.world, self.env.ranks_per_node, psutil.virtual_memory().total,
+                                    torch.cuda.get_device_properties(self.device).total_memory
+                                    if self.device.type == "cuda" else None)
         self.ds_config = build_ds_config(cfg, self.layout)
         with model_init_context(self.ds_config) as hf_ds_config:  # every rank at once: zero.Init partitions
             model = load_model(cfg.model)
@@ -184,7 +194,9 @@ class Trainer:
         scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.train.warmup_ratio * self.total_steps),
                                                     self.total_steps)
         engine = initialize_engine(model, optimizer, scheduler, self.ds_config)
-        keep_whole(engine, params)
+        kept = keep_whole(engine, params)
+        if kept:
+            logger.info("ZeRO-3: %d DuDe parameters above the persistence threshold kept whole on every rank", kept)
         stats = self.init_stats
         self.init_scalars = {
             "init/wall_seconds": stats.wall_seconds, "init/svd_count": stats.svd_count,

@@ -178,6 +178,44 @@ def refresh_secondary_partition(param: torch.Tensor) -> None:
         pass  # on exit DeepSpeed partitions the gathered values again, secondary copy included
 
 
+def check_replicated_model_fits(cfg: RunConfig, world_size: int, ranks_per_node: int, host_bytes: int,
+                                gpu_bytes: int | None) -> None:
+    """Refuse ZeRO stage 0-2 on several ranks when the model cannot be held whole by each.
+
+    Below stage 3 every rank builds and keeps the whole model (70B in bf16: ~138 GB per rank,
+    in host RAM while loading). The parameter count comes from the model's ``config.json``
+    (built on the meta device), so this runs before anything loads; a model whose facts
+    cannot be found is let through.
+
+    Raises:
+        ConfigError: the ranks of one node need more host RAM, or one rank more GPU memory,
+            than there is (the message gives both figures and what to set instead).
+    """
+    if cfg.deepspeed.zero_stage == 3 or world_size == 1:
+        return
+    from dude_dist.errors import PlanError
+    from dude_dist.planner import build_meta_model, count_parameters, find_model_facts, load_model_facts
+
+    try:
+        facts = load_model_facts(find_model_facts(cfg.model.name_or_path))
+    except PlanError:
+        return
+    dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
+    model_bytes = count_parameters(build_meta_model(facts))[0] * dtype_bytes
+    need_host = model_bytes * ranks_per_node
+    gib = 2**30
+    advice = "use deepspeed.zero_stage=3, which partitions the weights over the ranks"
+    if need_host > 0.9 * host_bytes:
+        raise ConfigError(
+            f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} on {world_size} ranks: each rank holds the whole model "
+            f"({model_bytes / gib:.1f} GiB), {need_host / gib:.1f} GiB for the {ranks_per_node} ranks of this node, "
+            f"but the node has {host_bytes / gib:.1f} GiB of RAM; {advice}")
+    if gpu_bytes is not None and model_bytes > 0.9 * gpu_bytes:
+        raise ConfigError(
+            f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} on {world_size} ranks: each GPU would hold the whole "
+            f"model ({model_bytes / gib:.1f} GiB) but has {gpu_bytes / gib:.1f} GiB; {advice}")
+
+
 def keep_whole(engine, params: list[nn.Parameter]) -> int:
     """Keep ``params`` whole on every rank under ZeRO-3, whatever their size.
 

@@ -31,13 +31,14 @@ def runs(tmp_path_factory):
 
 
 def test_two_ranks_match_one_process(runs):
+    """The README's claim: 1 and 2 ranks take the same steps, the losses to the last bit (the
+    gradient norm is summed over partitions in another order: measured <= 3e-16 relative)."""
     one, two = step_metrics(runs["single"]), step_metrics(runs["two"])
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
-    for step in one:
-        assert abs(one[step] - two[step]) <= 1e-4 * abs(one[step]), (step, one[step], two[step])
+    assert [two[step] for step in one] == [one[step] for step in one]
     g1, g2 = step_metrics(runs["single"], "train/grad_norm"), step_metrics(runs["two"], "train/grad_norm")
     for step in g1:
-        assert abs(g1[step] - g2[step]) <= 1e-4 * abs(g1[step]), (step, g1[step], g2[step])
+        assert abs(g1[step] - g2[step]) <= 1e-12 * abs(g1[step]), (step, g1[step], g2[step])
 
 
 def test_loss_falls_and_tensorboard_has_every_step(runs):
@@ -134,3 +135,53 @@ def test_eval_generation_same_with_merged_copy_and_synced_zero3(tmp_path):
         completions[name] = [r["completion"] for r in records]
     assert len(completions["merged"]) == 2 and all(completions["merged"])
     assert completions["merged"] == completions["synced"]
+
+
+def test_partitioned_run_takes_the_same_steps_and_resumes(runs, tmp_path):
+    """``stage3_param_persistence_threshold: 0`` partitions every tensor at run time (the tiny
+    model's largest is below the default threshold): fetch/release, recompute under activation
+    checkpointing, gradient hooks, save and resume all run on partitions. The DuDe parameters
+    are kept whole on every rank whatever the threshold (their states stay partitioned)."""
+    part = tmp_path / "partitioned"
+    proc = train(part, *COMMON, "deepspeed.stage3_param_persistence_threshold=0", nproc=2, launcher="torchrun")
+    assert "30 DuDe parameters above the persistence threshold kept whole" in proc.stderr, proc.stderr[-3000:]
+    want, got = step_metrics(runs["two"]), step_metrics(part)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        assert abs(got[step] - want[step]) <= 1e-6 * abs(want[step]), (step, got[step], want[step])
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(part / "dude_init", resumed / "dude_init")
+    train(resumed, *COMMON, "deepspeed.stage3_param_persistence_threshold=0", nproc=2, launcher="torchrun",
+          resume=str(part / "checkpoints" / "step_00000010"))
+    again = step_metrics(resumed)
+    assert sorted(again) == list(range(11, STEPS + 1))
+    for step in again:
+        assert abs(again[step] - got[step]) <= 1e-6 * abs(got[step]), (step, again[step], got[step])
+
+
+def test_hierarchical_partitioning_uses_the_residual(runs, tmp_path):
+    """ZeRO++ hpZ keeps a second, node-local copy of each frozen weight, which forward passes
+    gather from. The init must rebuild it from the edited partition; a stale copy (W0 instead
+    of W_f) makes the first loss 8.38 instead of 8.14 on this config."""
+    hpz = tmp_path / "hpz"
+    train(hpz, *COMMON, "train.save_every=0", "deepspeed.stage3_param_persistence_threshold=0",
+          "deepspeed.hpz_partition_size=2", nproc=2, launcher="torchrun")
+    want, got = step_metrics(runs["two"]), step_metrics(hpz)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        assert abs(got[step] - want[step]) <= 1e-6 * abs(want[step]), (step, got[step], want[step])
+
+
+def test_offloaded_parameters_and_optimizer_take_the_same_steps(runs, tmp_path):
+    """``offload_param: cpu`` puts the weight partitions in host memory (the init moves them
+    through the process group's device) and ``offload_optimizer: cpu`` runs torch's AdamW on
+    the host (DeepSpeed refuses a torch optimizer there unless told otherwise)."""
+    off = tmp_path / "offload"
+    train(off, *COMMON, "train.save_every=0", "deepspeed.offload_param=cpu",
+          "deepspeed.offload_optimizer=cpu", "deepspeed.stage3_param_persistence_threshold=0",
+          nproc=2, launcher="torchrun")
+    want, got = step_metrics(runs["two"]), step_metrics(off)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        assert abs(got[step] - want[step]) <= 1e-6 * abs(want[step]), (step, got[step], want[step])

@@ -193,3 +193,16 @@ def test_plan_cli_reports_a_missing_model_and_exits_2(tmp_path, capsys):
     spec.loader.exec_module(cli)
     assert cli.main(["--config", str(bad), "--no-deepspeed"]) == 2
     assert "org--no-such-model.json" in capsys.readouterr().err
+
+
+def test_gather_traffic_flat_and_hierarchical():
+    from dude_dist.planner import gather_traffic
+
+    # 8 nodes x 8 GPUs, 100 bytes of frozen weights, 2 micro-batches x 3 passes.
+    t = gather_traffic(100, nodes=8, gpus_per_node=8, micro_batches=2, passes=3)
+    assert t["flat"]["total"] == pytest.approx(6 * 100 * 63 / 64)
+    assert t["flat"]["inter_node"] == pytest.approx(6 * 100 * 56 / 64)
+    assert t["hpz"]["total"] == pytest.approx(6 * 100 * 7 / 8) and t["hpz"]["inter_node"] == 0
+    assert t["hpz_extra_bytes_per_gpu"] == pytest.approx(100 / 8)
+    one_node = gather_traffic(100, nodes=1, gpus_per_node=8, micro_batches=1, passes=2)
+    assert one_node["flat"]["inter_node"] == 0 and one_node["hpz_extra_bytes_per_gpu"] == 0
