@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint mutation clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,15 @@ test: venv
 	bash tests/system_deps.sh
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=1 $(PY) -m pytest tests $(PYTEST_ARGS)
 
+# Mutation testing of the core and state modules (tests/mutation.py; report: tests/MUTATION.md).
+# Slow (tens of minutes on 2 cores), so not in CI. MUTATE=<module stems> narrows it.
+MUTATE ?=
+mutation: venv
+	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt -e ".[mutation]"
+	nice -n 19 $(PY) tests/mutation.py $(if $(MUTATE),--modules $(MUTATE))
+
 lint: venv
 	$(VENV)/bin/ruff check dude_dist launch tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .mutation
