@@ -70,7 +70,7 @@ def apply_method(model: torch.nn.Module, method: str, rank: int, seed: int) -> t
     """``model`` with the method's adapter on ``TARGETS``; only adapter parameters train."""
     torch.manual_seed(seed)  # LoRA and DoRA draw the same A
     if method.startswith("dude"):
-        from dude_dist.adapters import apply_dude
+        from dude_dist import apply_dude
         from dude_dist.config import DudeConfig
 
         return apply_dude(model, DudeConfig(targets=TARGETS, rank=rank, variant=method, svd="exact",

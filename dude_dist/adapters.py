@@ -1,8 +1,11 @@
-"""Put DuDe layers into a model, read them out, and fold them back into plain Linears."""
+"""Put DuDe layers into a model, read them out, and fold them back into plain Linears.
+
+Pure torch: nothing here knows about processes. Filling the layers (the SVD initialisation,
+shared out over ranks) is :func:`dude_dist.sharded_init.apply_dude`.
+"""
 
 from __future__ import annotations
 
-import logging
 import re
 
 import torch
@@ -11,8 +14,6 @@ from torch import nn
 from dude_dist.config import DudeConfig
 from dude_dist.dude import DudeLinear
 from dude_dist.errors import ConfigError
-
-logger = logging.getLogger(__name__)
 
 
 def _matches(name: str, target: str) -> bool:
@@ -101,39 +102,6 @@ def set_trainable_params(model: nn.Module) -> int:
 def get_dude_layers(model: nn.Module) -> dict[str, DudeLinear]:
     """All ``DudeLinear`` modules of ``model`` by name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, DudeLinear)}
-
-
-def apply_dude(model: nn.Module, cfg: DudeConfig, *, comm=None, cache_dir=None, cache_key=None) -> nn.Module:
-    """Replace the target Linears of ``model`` with initialised ``DudeLinear`` layers.
-
-    On a plain model this factorises every target in this process. With ``comm`` (a
-    :class:`dude_dist.sharded_init.Comm`), the factorisations are shared out over ranks
-    and the weights may be ZeRO-3 partitions; see :mod:`dude_dist.sharded_init`.
-
-    Args:
-        model: a Hugging Face causal LM (or any module with ``nn.Linear`` targets).
-        cfg: the adapter section of the run config.
-        comm: process group wrapper; None = this process only.
-        cache_dir: where factors are saved and reloaded (no SVD when the key matches).
-        cache_key: what the cache must match (model, revision, targets, rank, ...).
-
-    Returns:
-        ``model``, changed in place; only DuDe parameters require grad.
-    """
-    inject_and_init(model, cfg, comm=comm, cache_dir=cache_dir, cache_key=cache_key)
-    return model
-
-
-def inject_and_init(model: nn.Module, cfg: DudeConfig, *, comm=None, cache_dir=None, cache_key=None):
-    """:func:`apply_dude`, returning what the initialisation did (an ``InitStats``)."""
-    from dude_dist.sharded_init import init_dude_layers
-
-    layers = inject_dude(model, cfg, find_targets(model, cfg))
-    stats = init_dude_layers(layers, cfg, comm=comm, cache_dir=cache_dir, cache_key=cache_key)
-    stats.trainable_params = set_trainable_params(model)
-    logger.info("DuDe on %d layers (rank %d, variant %s): %d trainable parameters",
-                len(layers), cfg.rank, cfg.variant, stats.trainable_params)
-    return stats
 
 
 def dude_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

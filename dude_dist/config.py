@@ -20,11 +20,12 @@ from typing import Any
 
 import yaml
 
+from dude_dist.dude import NORM_GRADS
 from dude_dist.errors import ConfigError, DudeError  # noqa: F401  (DudeError re-exported)
 from dude_dist.svd_init import SVD_METHODS, VARIANTS
 
-NORM_GRADS = ("exact", "detach")
-DTYPES = ("bfloat16", "float16", "float32")
+# One table of model dtypes: name -> bytes per element (torch.<name> is the dtype).
+DTYPES = {"bfloat16": 2, "float16": 2, "float32": 4}
 FORMATS = ("gsm8k", "metamathqa", "commonsense", "alpaca", "chat")
 GSM8K_PROMPT_FORMATS = ("gsm8k", "metamathqa", "commonsense", "alpaca")
 
@@ -111,7 +112,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name_or_path), "model.name_or_path", "is required (a local folder or a hub id)")
-        _check_choice(self.dtype, DTYPES, "model.dtype")
+        _check_choice(self.dtype, tuple(DTYPES), "model.dtype")
 
 
 @dataclass(frozen=True)

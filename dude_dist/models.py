@@ -13,13 +13,16 @@ transformers version; ``model.gguf_cache: false`` turns this off.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import struct
 import time
 from pathlib import Path
 
@@ -30,7 +33,6 @@ from dude_dist.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 
@@ -92,16 +94,24 @@ def convert_gguf(path: str, gguf_file: str) -> Path | None:
     if (folder / GGUF_DONE).is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f"{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock_path = folder.parent / f"{folder.name}.lock"
+    with _exclusive(lock_path):
         if (folder / GGUF_DONE).is_file():
             return folder
         t0 = time.perf_counter()
-        logger.info("converting %s once into %s (later runs load the folder)", Path(path) / gguf_file, folder)
+        source = Path(path) / gguf_file
+        logger.info("converting %s once into %s (later runs load the folder)", source, folder)
         tmp = folder.parent / f"{folder.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             _write_converted(path, gguf_file, tmp)
+        except (ValueError, EOFError, KeyError, IndexError, struct.error) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ModelLoadError(
+                f"model.gguf_file {str(source)!r} ({source.stat().st_size} bytes) cannot be read as GGUF: "
+                f"{type(exc).__name__}: {detail}; the file may be truncated or damaged: copy or download it "
+                "again") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a failed conversion leaves no half folder
             raise
@@ -109,6 +119,37 @@ def convert_gguf(path: str, gguf_file: str) -> Path | None:
         os.replace(tmp, folder)
         logger.info("converted in %.1f s", time.perf_counter() - t0)
     return folder
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive ``flock`` on ``lock_path`` and remove the file on the way out.
+
+    A waiter that wakes up holding a lock file another process has already removed
+    retries on the new file (the inode check), so removing it never lets two in at once.
+    """
+    while True:
+        lock = open(lock_path, "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                same = os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            lock.close()
+            raise
+        if same:
+            break
+        lock.close()
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock_path)
+        except FileNotFoundError:
+            pass
+        lock.close()
 
 
 def _write_converted(path: str, gguf_file: str, out: Path) -> None:
@@ -129,9 +170,129 @@ def _write_converted(path: str, gguf_file: str, out: Path) -> None:
     (out / GGUF_DONE).write_text(json.dumps({"source": str(Path(path, gguf_file).resolve())}))
 
 
+# What a local Hugging Face folder must hold to load (any one of them).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_model_folder(cfg: ModelConfig, path: str) -> None:
+    """Fail before any heavy work on a local model folder that cannot load: no weights,
+    a missing shard, a truncated safetensors file, or a missing ``model.gguf_file``.
+
+    Only headers are read (a 140 GB model is checked in milliseconds).
+
+    Raises:
+        ModelLoadError: what is missing or damaged, naming the file.
+    """
+    from dude_dist.checkpoint import safetensors_problem
+
+    folder = Path(path)
+    key = f"model.name_or_path {cfg.name_or_path!r}"
+    if cfg.gguf_file:
+        if not (folder / cfg.gguf_file).is_file():
+            present = ", ".join(sorted(p.name for p in folder.glob("*.gguf"))) or "none"
+            raise ModelLoadError(f"{key}: model.gguf_file {cfg.gguf_file!r} is not in {folder} "
+                                 f"(GGUF files there: {present})")
+        return
+    shards = sorted(folder.glob("*.safetensors"))
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                listed = sorted(set(weight_map.values()))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                raise ModelLoadError(f"{key}: {index} cannot be read ({type(exc).__name__}: {exc})") from None
+            missing = [name for name in listed if not (folder / name).is_file()]
+            if missing:
+                raise ModelLoadError(f"{key}: {index_name} lists {len(listed)} weight files but "
+                                     f"{', '.join(missing[:5])} {'is' if len(missing) == 1 else 'are'} missing "
+                                     f"from {folder}")
+    if not shards and not any((folder / name).is_file() for name in WEIGHT_FILES):
+        present = ", ".join(sorted(p.name for p in folder.iterdir())[:20]) or "(nothing)"
+        raise ModelLoadError(f"{key}: the folder {folder} has no weights (looked for {', '.join(WEIGHT_FILES)} "
+                             f"and *.safetensors; it holds: {present})")
+    for shard in shards:
+        try:
+            problem = safetensors_problem(shard)
+        except OSError as exc:
+            problem = f"cannot be read ({exc})"
+        if problem:
+            raise ModelLoadError(f"{key}: weight file {shard} is damaged: {problem}; copy or download it again")
+
+
+def _hub_endpoint() -> tuple[str, int]:
+    """Host and port a hub request would connect to first (the proxy, if one is set)."""
+    from urllib.parse import urlparse
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        if os.environ.get(var):
+            url = urlparse(os.environ[var] if "://" in os.environ[var] else f"http://{os.environ[var]}")
+            return url.hostname or "", url.port or 80
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+
+
+@functools.lru_cache(maxsize=4)
+def _hub_unreachable(host: str, port: int, timeout_s: float = 3.0) -> str | None:
+    """Why ``host:port`` cannot be reached within ``timeout_s`` (None: it answered)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return f"{host}:{port} does not answer ({exc.strerror or exc})"
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_hub_model(cfg: ModelConfig) -> None:
+    """A name that is neither a local folder nor in the hub cache: say at once that the hub
+    cannot be asked (``HF_HUB_OFFLINE`` set, or the hub does not answer a 3 s connection
+    probe), instead of a minute of download retries.
+
+    Raises:
+        ModelLoadError: names the local path tried, the cache, and why the hub is out of reach.
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        cached = try_to_load_from_cache(cfg.name_or_path, "config.json", revision=cfg.revision)
+    except (ImportError, ValueError):  # not a valid repo id: the hub would refuse it too
+        cached, HF_HUB_CACHE = None, "the Hugging Face cache"
+    if isinstance(cached, str):
+        return
+    if _hub_offline():
+        why = "HF_HUB_OFFLINE is set, so the hub is not asked"
+    else:
+        host, port = _hub_endpoint()
+        why = _hub_unreachable(host, port)
+        if why is None:
+            return
+        why = f"the hub cannot be reached: {why}"
+    raise ModelLoadError(
+        f"model.name_or_path {cfg.name_or_path!r} is not a local folder (tried {Path(cfg.name_or_path).resolve()}) "
+        f"nor in the hub cache ({HF_HUB_CACHE}), and {why}; give a local folder (./path or /path) or download "
+        "the model first")
+
+
 def _source(cfg: ModelConfig, convert: bool) -> tuple[str, dict]:
-    """The folder to load and the ``from_pretrained`` keyword arguments for it."""
+    """The folder to load and the ``from_pretrained`` keyword arguments for it.
+
+    With ``convert`` (the first touch of the model, from :func:`load_tokenizer`) a local
+    folder is checked (:func:`check_model_folder`) and a hub id must be reachable or cached
+    (:func:`check_hub_model`), so a bad model fails before data or weights are read.
+    """
     path = resolve_model_path(cfg.name_or_path)
+    if convert:
+        if Path(path).is_dir():
+            check_model_folder(cfg, path)
+        else:
+            check_hub_model(cfg)
     kwargs: dict = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.revision:
         kwargs["revision"] = cfg.revision
@@ -171,6 +332,7 @@ def load_model(cfg: ModelConfig):
     Raises:
         ModelLoadError: the path is missing or the checkpoint is not a causal LM.
     """
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path, kwargs = _source(cfg, convert=False)
@@ -185,7 +347,12 @@ def load_model(cfg: ModelConfig):
         )
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), **kwargs)
+    except (OSError, SafetensorError) as exc:  # no weights, a damaged file (checked earlier; this is the backstop)
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ModelLoadError(f"model.name_or_path {cfg.name_or_path!r}: cannot load the weights from {path}: "
+                             f"{type(exc).__name__}: {detail}") from None
     model.config.use_cache = False
     return model
 
@@ -200,6 +367,7 @@ def prefetch_model(cfg: ModelConfig) -> None:
     path = resolve_model_path(cfg.name_or_path)
     if Path(path).is_dir() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return
+    check_hub_model(cfg)  # an unreachable hub is one line now, not a minute of retries
     from huggingface_hub import snapshot_download
 
     snapshot_download(path, revision=cfg.revision,

@@ -38,8 +38,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from dude_dist import comm as comm_lib
+from dude_dist.adapters import find_targets, inject_dude, set_trainable_params
 from dude_dist.comm import Comm
 from dude_dist.config import DudeConfig
 from dude_dist.dude import DudeLinear
@@ -423,3 +425,37 @@ def _gather_energy(energy: dict[str, float], comm: Comm) -> dict[str, float]:
     for part in comm.all_gather_object(energy):
         merged.update(part)
     return merged
+
+
+# --------------------------------------------------------------------------- models
+
+
+def apply_dude(model: nn.Module, cfg: DudeConfig, *, comm=None, cache_dir=None, cache_key=None) -> nn.Module:
+    """Replace the target Linears of ``model`` with initialised ``DudeLinear`` layers.
+
+    On a plain model this factorises every target in this process. With ``comm`` (a
+    :class:`dude_dist.comm.Comm`), the factorisations are shared out over ranks
+    and the weights may be ZeRO-3 partitions; see :mod:`dude_dist.sharded_init`.
+
+    Args:
+        model: a Hugging Face causal LM (or any module with ``nn.Linear`` targets).
+        cfg: the adapter section of the run config.
+        comm: process group wrapper; None = this process only.
+        cache_dir: where factors are saved and reloaded (no SVD when the key matches).
+        cache_key: what the cache must match (model, revision, targets, rank, ...).
+
+    Returns:
+        ``model``, changed in place; only DuDe parameters require grad.
+    """
+    inject_and_init(model, cfg, comm=comm, cache_dir=cache_dir, cache_key=cache_key)
+    return model
+
+
+def inject_and_init(model: nn.Module, cfg: DudeConfig, *, comm=None, cache_dir=None, cache_key=None):
+    """:func:`apply_dude`, returning what the initialisation did (an ``InitStats``)."""
+    layers = inject_dude(model, cfg, find_targets(model, cfg))
+    stats = init_dude_layers(layers, cfg, comm=comm, cache_dir=cache_dir, cache_key=cache_key)
+    stats.trainable_params = set_trainable_params(model)
+    logger.info("DuDe on %d layers (rank %d, variant %s): %d trainable parameters",
+                len(layers), cfg.rank, cfg.variant, stats.trainable_params)
+    return stats

@@ -43,7 +43,6 @@ from transformers import get_cosine_schedule_with_warmup
 
 from dude_dist import checkpoint as ckpt_lib
 from dude_dist import comm
-from dude_dist.adapters import inject_and_init
 from dude_dist.config import RunConfig, batch_layout, config_to_dict
 from dude_dist.data import build_datasets, collate_batch
 from dude_dist.distributed import DistEnv, init_distributed, on_each_node_first, set_step_timeout
@@ -56,7 +55,7 @@ from dude_dist.loss import IGNORE_INDEX, LossInputs, accepts_logits_to_keep, los
 from dude_dist.models import load_model, load_tokenizer, prefetch_model
 from dude_dist.run_dir import RUN_OUTPUTS, RunDir  # noqa: F401  (RUN_OUTPUTS: what a fresh start moves)
 from dude_dist.sampler import StepSampler
-from dude_dist.sharded_init import Comm, cache_key
+from dude_dist.sharded_init import Comm, cache_key, inject_and_init
 from dude_dist.tracking import Tracker, peak_memory_bytes
 from dude_dist.zero import (
     build_ds_config,
