@@ -216,7 +216,7 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
     import torch
 
     from dude_dist.comm import device_for_backend
-    from dude_dist.tracking import setup_logging
+    from dude_dist.logs import setup_logging
     from dude_dist.zero import init_deepspeed_comm
 
     dist_env = discover_env()

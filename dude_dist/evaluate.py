@@ -382,21 +382,34 @@ def evaluate_run(cfg: Any, *, checkpoint: str | None = "auto", merged: str | Non
     """Evaluate a checkpoint (base + factor cache + DuDe tensors) or a merged export.
 
     Every rank runs the same items (under ZeRO-3 with several ranks generation is kept in
-    step with ``synced_gpus``); rank 0 writes ``out`` and ``eval/*`` TensorBoard scalars.
+    step with ``synced_gpus``). A checkpoint is verified first (``auto``: the newest one
+    that passes; a damaged newer one is skipped with a warning) and rebuilt with its own
+    adapter settings (:func:`dude_dist.export.rebuild_model`).
+
+    What it writes (rank 0), and nothing else: ``out`` (default
+    ``<output_dir>/eval_cli.json``) and one TensorBoard event file of ``eval/*`` scalars
+    (``<output_dir>/tensorboard/events.*.eval_cli``, shown beside the training curves). The
+    factor cache, checkpoints and the training run's ``metrics.jsonl`` are never written.
 
     Raises:
-        FileNotFoundError: no complete checkpoint, or the merged folder is missing.
+        CheckpointError: no complete checkpoint, or a damaged one.
+        ConfigError: the config conflicts with the checkpoint's adapter settings.
+        FileNotFoundError: the merged folder is missing.
     """
     import json
 
-    from dude_dist.checkpoint import find_resume, read_meta, write_text_atomic
+    from dude_dist.checkpoint import read_meta, write_text_atomic
     from dude_dist.data import build_datasets
     from dude_dist.distributed import init_distributed
     from dude_dist.models import load_tokenizer
-    from dude_dist.tracking import Tracker, setup_logging
 
+    ckpt = None
+    if not merged:  # a missing or damaged checkpoint, or conflicting settings: one line, before any work
+        from dude_dist.export import config_for_checkpoint, resolve_checkpoint
+
+        ckpt = resolve_checkpoint(cfg, checkpoint)
+        config_for_checkpoint(cfg, ckpt)
     env = init_distributed(cfg.deepspeed.backend, cfg.deepspeed.timeout_s)
-    setup_logging(env.rank)
     step = 0
     synced = False
     if merged:
@@ -412,12 +425,8 @@ def evaluate_run(cfg: Any, *, checkpoint: str | None = "auto", merged: str | Non
     else:
         from dude_dist.export import rebuild_model
 
-        root = Path(cfg.output_dir) / "checkpoints"
-        ckpt = find_resume(root) if checkpoint in (None, "auto") else Path(checkpoint)
-        if ckpt is None:
-            raise FileNotFoundError(f"no complete checkpoint under {root}")
         step = int(read_meta(ckpt)["step"])
-        model = rebuild_model(cfg, ckpt, env.world_size)
+        model = rebuild_model(cfg, ckpt, env.world_size, verified=True)
         tokenizer = load_tokenizer(cfg.model)
         if env.world_size > 1 and cfg.deepspeed.zero_stage == 3:
             import deepspeed
@@ -441,12 +450,15 @@ def evaluate_run(cfg: Any, *, checkpoint: str | None = "auto", merged: str | Non
         out = out or Path(cfg.output_dir) / "eval_cli.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, json.dumps(results, indent=1))
-        tracker = Tracker(cfg.output_dir, env.rank)
+        from torch.utils.tensorboard import SummaryWriter
+
         scalars = {f"eval/{task}_accuracy": res["accuracy"] for task, res in results["tasks"].items()}
         if "loss" in results:
             scalars["eval/loss"] = results["loss"]["loss"]
-        tracker.log(step, scalars)
-        tracker.close()
+        writer = SummaryWriter(log_dir=str(Path(cfg.output_dir) / "tensorboard"), filename_suffix=".eval_cli")
+        for name, value in scalars.items():
+            writer.add_scalar(name, value, step)
+        writer.close()
         for task, res in results["tasks"].items():
             logger.info("%s: accuracy %.4f (%d/%d) from %s", task, res["accuracy"], res["correct"], res["n"], source)
         if "loss" in results:

@@ -1,29 +1,12 @@
-"""Logging set up once: rank-0 console, TensorBoard scalars and a JSON-lines metrics file."""
+"""What a run records: TensorBoard scalars and a JSON-lines metrics file (rank 0), and peak memory.
+
+Console logging is set up by :func:`dude_dist.logs.setup_logging`."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import sys
-import warnings
 from pathlib import Path
-
-
-def setup_logging(rank: int, level: int = logging.INFO) -> None:
-    """Rank 0 logs at ``level``; other ranks only warnings and errors, prefixed with their rank."""
-    fmt = f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s"
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
-    root = logging.getLogger("dude_dist")
-    root.handlers[:] = [handler]
-    root.setLevel(level if rank == 0 else logging.WARNING)
-    root.propagate = False
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # torch.distributed's deprecation notices fire on every ZeRO-3 reduce-scatter.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 
 def peak_memory_bytes() -> int:
