@@ -15,6 +15,7 @@ print(run_eval(M.from_pretrained(p), T.from_pretrained(p), EvalConfig(limit=8, m
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -36,7 +37,13 @@ from dude_dist.data import (
     load_first_source,
     question_prompt,
 )
-from dude_dist.loss import accepts_logits_to_keep, token_loss_sum  # noqa: F401  (re-exported)
+from dude_dist.loss import (  # noqa: F401  (accepts_logits_to_keep, token_loss_sum re-exported)
+    IGNORE_INDEX,
+    accepts_logits_to_keep,
+    loss_inputs,
+    summed_loss,
+    token_loss_sum,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -466,3 +473,72 @@ def evaluate_run(cfg: Any, *, checkpoint: str | None = "auto", merged: str | Non
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return results
+
+
+class TrainingEvaluator:
+    """Held-out loss and generation accuracy of a model while it trains (every rank calls).
+
+    Args:
+        engine: the DeepSpeed engine.
+        eval_set: held-out samples (None: no held-out loss).
+        tokenizer: the run's tokenizer.
+        cfg: the run config (``eval``, ``train.micro_batch_size``).
+        ds_config: the engine's DeepSpeed config (is the model ZeRO-3 partitioned?).
+        env: this rank's :class:`dude_dist.distributed.DistEnv`.
+        run_dir: where ``eval_<when>.json`` goes (rank 0).
+        keep_logits: pass ``logits_to_keep`` to the model.
+    """
+
+    def __init__(self, engine: Any, eval_set: Any, tokenizer: Any, cfg: Any, ds_config: dict, env: Any, run_dir: Any,
+                 keep_logits: bool) -> None:
+        self.engine, self.eval_set, self.tokenizer, self.cfg = engine, eval_set, tokenizer, cfg
+        self.zero3 = ds_config["zero_optimization"]["stage"] == 3
+        self.rank, self.world, self.device = env.rank, env.world_size, env.device
+        self.run_dir, self.keep_logits = run_dir, keep_logits
+
+    @torch.no_grad()
+    def loss(self) -> dict[str, float]:
+        """Token-weighted loss on the held-out set, sharded over ranks (every rank runs the same
+        number of forwards, padding with label-free batches, as ZeRO-3 requires); one all-reduce."""
+        if self.eval_set is None or len(self.eval_set) == 0:
+            return {}
+        self.engine.eval()
+        micro, n = self.cfg.train.micro_batch_size, len(self.eval_set)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        targets = 0
+        for b in range(math.ceil(n / (micro * self.world))):
+            start = (b * self.world + self.rank) * micro
+            idx = list(range(start, min(start + micro, n)))
+            batch = collate_batch([self.eval_set[i] for i in idx] or [self.eval_set[0]], self.tokenizer.pad_token_id)
+            if not idx:
+                batch["labels"].fill_(IGNORE_INDEX)
+            inputs = loss_inputs(batch, self.device, self.keep_logits)
+            loss_sum += summed_loss(self.engine, inputs).double()
+            targets += inputs.targets
+        self.engine.train()
+        total, count = comm.all_reduce(torch.stack([loss_sum, loss_sum.new_tensor(float(targets))])).tolist()
+        mean = total / max(count, 1.0)
+        return {"eval/loss": mean, "eval/perplexity": math.exp(min(mean, 50.0))}
+
+    def accuracy(self, when: str) -> dict[str, float]:
+        """Generation accuracy on the configured tasks, prompts shared out over the ranks; rank 0
+        writes ``eval_<when>.json``. A small partitioned model is merged into a plain copy first
+        (no gather per generated token)."""
+        from dude_dist.checkpoint import write_text_atomic
+        from dude_dist.export import merged_copy
+
+        self.engine.eval()
+        model = self.engine.module
+        synced = self.world > 1 and self.zero3
+        weight_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+        if synced and weight_bytes <= self.cfg.eval.gather_below_gb * 2**30:
+            model, synced = merged_copy(model).to(self.device), False
+        results = run_eval(model, self.tokenizer, self.cfg.eval, synced_gpus=synced, rank=self.rank,
+                           world_size=self.world)
+        del model
+        self.engine.train()
+        if self.rank == 0:
+            write_text_atomic(self.run_dir.eval_file(when), json.dumps(results, indent=1))
+            for task, res in results.items():
+                logger.info("eval (%s) %s: accuracy %.3f on %d items", when, task, res["accuracy"], res["n"])
+        return {f"eval/{task}_accuracy": res["accuracy"] for task, res in results.items()}

@@ -20,8 +20,11 @@ import os
 import signal
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch.distributed as dist
+
+from dude_dist.errors import TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -143,3 +146,13 @@ def lost_peer_message(exc: BaseException, rank: int, peers: list[tuple[str, int]
     if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
         return f"a collective timed out after {timeout_s} s: a peer rank died or hangs"
     return "a peer rank died or became unreachable"
+
+
+def lost_peer_error(exc: BaseException, rank: int, peers: list[tuple[str, int]], timeout_s: int, step: int,
+                    latest: Path | None) -> TrainingError:
+    """The one line a rank ends with when a collective failed: who is gone, during which step,
+    and which checkpoint to resume from."""
+    who = lost_peer_message(exc, rank, peers, timeout_s)
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    kept = f"the newest complete checkpoint is {latest.name}" if latest else "no checkpoint was written yet"
+    return TrainingError(f"rank {rank}: {who} (during step {step}; {first_line}); {kept}; restart with --resume auto")

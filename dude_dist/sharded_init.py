@@ -276,6 +276,17 @@ class InitStats:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def scalars(self) -> dict[str, float]:
+        """The ``init/*`` TensorBoard scalars."""
+        return {
+            "init/wall_seconds": self.wall_seconds, "init/svd_count": self.svd_count,
+            "init/bytes_broadcast": self.bytes_broadcast, "init/bytes_residual_broadcast": self.bytes_residual_broadcast,
+            "init/bytes_gathered": self.bytes_gathered,
+            "init/energy_mean": (sum(self.energy.values()) / len(self.energy)) if self.energy else 0.0,
+            "init/trainable_params": self.trainable_params,
+            **{f"init/svd_seconds_rank{r}": s for r, s in enumerate(self.svd_seconds_per_rank)},
+        }
+
 
 @torch.no_grad()
 def init_dude_layers(

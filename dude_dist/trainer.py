@@ -47,9 +47,9 @@ from dude_dist.config import RunConfig, batch_layout, config_to_dict
 from dude_dist.data import build_datasets, collate_batch
 from dude_dist.distributed import DistEnv, init_distributed, on_each_node_first, set_step_timeout
 from dude_dist.errors import DudeError, TrainingError
-from dude_dist.evaluate import run_eval
-from dude_dist.export import DUDE_PARAMS_FILE, merged_copy, save_dude_params
-from dude_dist.failures import Faults, StopRequests, is_comm_failure, lost_peer_message
+from dude_dist.evaluate import TrainingEvaluator
+from dude_dist.export import DUDE_PARAMS_FILE, save_dude_params
+from dude_dist.failures import Faults, StopRequests, is_comm_failure, lost_peer_error
 from dude_dist.layer_grads import LayerGradNorms
 from dude_dist.loss import IGNORE_INDEX, LossInputs, accepts_logits_to_keep, loss_inputs, summed_loss
 from dude_dist.models import load_model, load_tokenizer, prefetch_model
@@ -123,6 +123,8 @@ class Trainer:
         self.faults = Faults.from_env()
         self.layer_grads = LayerGradNorms(self.engine.module, self.rank, self.world)
         self._keep_logits = accepts_logits_to_keep(self.engine.module)
+        self.evaluator = TrainingEvaluator(self.engine, self.eval_set, self.tokenizer, cfg, self.ds_config,
+                                           self.env, self.run_dir, self._keep_logits)
         self._can_skip = hasattr(self.engine.optimizer, "overflow")
         self._step = self.start_step
         self.stops = StopRequests(self.env.launcher)
@@ -197,15 +199,7 @@ class Trainer:
         if kept:
             logger.info("ZeRO-3: %d DuDe parameters above the persistence threshold kept whole on every rank", kept)
         stats = self.init_stats
-        self.init_scalars = {
-            "init/wall_seconds": stats.wall_seconds, "init/svd_count": stats.svd_count,
-            "init/bytes_broadcast": stats.bytes_broadcast,
-            "init/bytes_residual_broadcast": stats.bytes_residual_broadcast,
-            "init/bytes_gathered": stats.bytes_gathered,
-            "init/energy_mean": (sum(stats.energy.values()) / len(stats.energy)) if stats.energy else 0.0,
-            "init/trainable_params": stats.trainable_params,
-            **{f"init/svd_seconds_rank{r}": s for r, s in enumerate(stats.svd_seconds_per_rank)},
-        }
+        self.init_scalars = stats.scalars()
         logger.info("trainable parameters: %d in %d DuDe layers", stats.trainable_params, stats.layers)
         return engine
 
@@ -307,50 +301,6 @@ class Trainer:
         return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens, step_time=time.perf_counter() - t0,
                           skipped=skipped, nonfinite=bool(problem), problem=problem, stop=stop)
 
-    # ------------------------------------------------------------------ evaluation
-
-    @torch.no_grad()
-    def evaluate_loss(self) -> dict[str, float]:
-        """Token-weighted loss on the held-out set, sharded over ranks (every rank runs the same
-        number of forwards, padding with label-free batches, as ZeRO-3 requires)."""
-        if self.eval_set is None or len(self.eval_set) == 0:
-            return {}
-        self.engine.eval()
-        micro, n = self.layout.micro_batch_size, len(self.eval_set)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        targets = 0
-        for b in range(math.ceil(n / (micro * self.world))):
-            start = (b * self.world + self.rank) * micro
-            idx = list(range(start, min(start + micro, n)))
-            batch = collate_batch([self.eval_set[i] for i in idx] or [self.eval_set[0]], self.tokenizer.pad_token_id)
-            if not idx:
-                batch["labels"].fill_(IGNORE_INDEX)
-            inputs = loss_inputs(batch, self.device, self._keep_logits)
-            loss_sum += summed_loss(self.engine, inputs).double()
-            targets += inputs.targets
-        self.engine.train()
-        total, count = comm.all_reduce(torch.stack([loss_sum, loss_sum.new_tensor(float(targets))])).tolist()
-        mean = total / max(count, 1.0)
-        return {"eval/loss": mean, "eval/perplexity": math.exp(min(mean, 50.0))}
-
-    def evaluate_accuracy(self, when: str) -> dict[str, float]:
-        """Generation accuracy on the configured tasks, prompts shared out over the ranks."""
-        self.engine.eval()
-        model = self.engine.module
-        synced = self.world > 1 and self.ds_config["zero_optimization"]["stage"] == 3
-        weight_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
-        if synced and weight_bytes <= self.cfg.eval.gather_below_gb * 2**30:
-            model, synced = merged_copy(model).to(self.device), False
-        results = run_eval(model, self.tokenizer, self.cfg.eval, synced_gpus=synced, rank=self.rank,
-                           world_size=self.world)
-        del model
-        self.engine.train()
-        if self.rank == 0:
-            ckpt_lib.write_text_atomic(self.run_dir.eval_file(when), json.dumps(results, indent=1))
-            for task, res in results.items():
-                logger.info("eval (%s) %s: accuracy %.3f on %d items", when, task, res["accuracy"], res["n"])
-        return {f"eval/{task}_accuracy": res["accuracy"] for task, res in results.items()}
-
     # ------------------------------------------------------------------ state
 
     def save(self, step: int) -> None:
@@ -389,31 +339,27 @@ class Trainer:
             self.run_dir.release()
 
     def _lost_peer_error(self, exc: BaseException) -> TrainingError:
-        who = lost_peer_message(exc, self.rank, self.peers, self.cfg.deepspeed.step_timeout_s)
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         latest = ckpt_lib.find_resume(self.run_dir.checkpoints)
-        kept = f"the newest complete checkpoint is {latest.name}" if latest else "no checkpoint was written yet"
-        return TrainingError(f"rank {self.rank}: {who} (during step {self._step + 1}; {first_line}); {kept}; "
-                             "restart with --resume auto")
+        return lost_peer_error(exc, self.rank, self.peers, self.cfg.deepspeed.step_timeout_s, self._step + 1, latest)
 
     def _evaluate_at_start(self, summary: dict) -> None:
         if self.start_step:
             return
         if self.cfg.eval.at_start:
-            summary["eval_start"] = self.evaluate_accuracy("start")
+            summary["eval_start"] = self.evaluator.accuracy("start")
             self.tracker.log(0, summary["eval_start"])
         if self.eval_set is not None:
-            first_eval = self.evaluate_loss()
+            first_eval = self.evaluator.loss()
             summary["eval_loss_start"] = first_eval.get("eval/loss")
             self.tracker.log(0, first_eval)
 
     def _evaluate_at_end(self, step: int, summary: dict) -> None:
-        final_eval = self.evaluate_loss()
+        final_eval = self.evaluator.loss()
         if final_eval:
             self.tracker.log(step, final_eval)
             summary["eval_loss_end"] = final_eval["eval/loss"]
         if self.cfg.eval.at_end:
-            summary["eval_end"] = self.evaluate_accuracy("end")
+            summary["eval_end"] = self.evaluator.accuracy("end")
             self.tracker.log(step, summary["eval_end"])
 
     def _log_step(self, step: int, result: StepResult, bar) -> None:
@@ -464,7 +410,7 @@ class Trainer:
             self._log_step(step, result, bar)
             self._check_streak(streak, result)
             if self._should_eval(step):
-                self.tracker.log(step, self.evaluate_loss())
+                self.tracker.log(step, self.evaluator.loss())
             stopped = result.stop
             if self._should_save(step, stopped):
                 self.save(step)
