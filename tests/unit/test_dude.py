@@ -268,3 +268,65 @@ def test_init_dude_makes_merged_weight_equal_w0():
     assert torch.equal(layer.lora_a, fac.lora_a) and torch.equal(layer.lora_b, fac.lora_b)
     # The residual is what the top-r components leave: orthogonal to B A's row space.
     assert (layer.weight @ fac.lora_a.T).abs().max().item() <= 1e-4
+
+
+# --------------------------------------------------------------------------- partial gradients, repr, norms
+
+
+@pytest.mark.parametrize(("frozen", "x_grad", "norm_grad"), [
+    ((), False, "exact"),  # an input that needs no gradient (the first layer's)
+    (("lora_b",), True, "exact"),
+    (("lora_a",), True, "exact"),
+    (("magnitude",), True, "detach"),  # then the scale m / n needs no gradient at all
+])
+def test_recompute_backward_with_some_inputs_frozen(frozen, x_grad, norm_grad):
+    """The custom backward forms exactly the gradients asked for, equal to autograd's."""
+    layer = make_layer(norm_grad=norm_grad).double()
+    for name in frozen:
+        getattr(layer, name).requires_grad_(False)
+    gen = torch.Generator().manual_seed(8)
+    x0 = torch.randn(3, 5, IN, generator=gen, dtype=torch.float64)
+    g = torch.randn(3, 5, OUT, generator=gen, dtype=torch.float64)
+    results = {}
+    for recompute in (False, True):
+        layer.recompute = recompute
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(x_grad)
+        (layer(x) * g).sum().backward()
+        results[recompute] = ({n: getattr(layer, n).grad for n in layer.adapter_params()}, x.grad)
+    (plain, plain_x), (custom, custom_x) = results[False], results[True]
+    for name in layer.adapter_params():
+        if name in frozen:
+            assert plain[name] is None and custom[name] is None, name
+        else:
+            assert torch.allclose(custom[name], plain[name], rtol=1e-11, atol=1e-12), name
+    assert (custom_x is None) == (plain_x is None) == (not x_grad)
+    if x_grad:
+        assert torch.allclose(custom_x, plain_x, rtol=1e-11, atol=1e-12)
+
+
+def test_repr_names_the_configuration():
+    plain = DudeLinear(IN, OUT, RANK)
+    assert plain.extra_repr() == f"in_features={IN}, out_features={OUT}, rank={RANK}, bias=False, norm_grad=exact"
+    layer = DudeLinear(IN, OUT, RANK, bias=True, norm_grad="detach", recompute=True)
+    assert layer.extra_repr() == (f"in_features={IN}, out_features={OUT}, rank={RANK}, bias=True, "
+                                  "norm_grad=detach, recompute=True")
+
+
+@pytest.mark.parametrize(("shape", "chunk_rows", "dtype"), [
+    ((10, 7), 3, torch.float32), ((2050, 4), 1024, torch.float32), ((300, 40), 64, torch.bfloat16),
+])
+def test_row_sq_norm_matches_float64_in_chunks(shape, chunk_rows, dtype):
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(9)).to(dtype)
+    want = weight.double().square().sum(dim=1)
+    got = row_sq_norm(weight, chunk_rows=chunk_rows)
+    assert got.dtype == torch.float32  # bf16 rows are summed in float32, not bf16 (~3e-3 off)
+    assert (got.double() - want).abs().max().item() <= 1e-6 * want.max().item()
+
+
+def test_low_precision_cast_of_a_float64_layer_keeps_float32_norms():
+    layer = make_layer().double()
+    want = layer.weight.float().double().square().sum(dim=1)
+    layer.bfloat16()
+    assert layer.weight_sq_norm.dtype == torch.float32
+    assert (layer.weight_sq_norm.double() - want).abs().max().item() <= 1e-5 * want.max().item()

@@ -38,7 +38,9 @@ def test_sampler_is_world_size_independent_and_disjoint():
     assert one.global_batch(12) != one.global_batch(0)  # a new order next epoch
     assert StepSampler(100, one.layout, seed=4).global_batch(0) != one.global_batch(0)
     with pytest.raises(ValueError, match="cannot fill one global batch"):
-        StepSampler(5, one.layout, seed=0)
+        StepSampler(7, one.layout, seed=0)
+    exact = StepSampler(8, one.layout, seed=0)  # exactly one global batch is enough
+    assert exact.steps_per_epoch == 1 and sorted(exact.global_batch(0)) == list(range(8))
 
 
 @pytest.mark.parametrize(("num_samples", "micro", "accum", "world", "seed"),
