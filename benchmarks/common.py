@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from dude_dist.distributed import free_port  # noqa: F401  (re-exported for the benchmark scripts)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED = Path(os.environ.get("DUDE_SHARED", ROOT.parent / "shared"))
@@ -210,15 +212,6 @@ def update_readme(name: str) -> bool:
     table = (RESULTS / f"{name}.md").read_text().strip()
     readme.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
     return True
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface (for torchrun's rendezvous)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def proc_env(**extra: str) -> dict[str, str]:

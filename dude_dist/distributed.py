@@ -83,7 +83,8 @@ def _int(env: Mapping[str, str], key: str) -> int:
         raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface (a one-process run; tests and benchmarks)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -198,7 +199,7 @@ def discover_env(env: Mapping[str, str] | None = None) -> DistEnv:
             launcher="slurm",
         )
     return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
-                   master_port=int(env.get("MASTER_PORT", 0)) or _free_port(), launcher="single")
+                   master_port=int(env.get("MASTER_PORT", 0)) or free_port(), launcher="single")
 
 
 def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:

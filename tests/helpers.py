@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from dude_dist.distributed import free_port  # noqa: F401  (re-exported for the tests)
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 BIN = Path(PY).parent
@@ -78,14 +80,6 @@ def proc_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launcher_cmd(nproc: int, launcher: str = "torchrun") -> list[str]:
     if nproc == 1 and launcher == "python":
         return [PY]
@@ -113,6 +107,35 @@ def train(output_dir: Path, *overrides: str, nproc: int = 1, launcher: str = "py
     for item in overrides:
         cmd += ["--set", item]
     return run(cmd, timeout=timeout, check=check, **env)
+
+
+def train_until(output_dir: Path, step: int, *overrides: str, timeout: float = 300) -> dict[int, float]:
+    """Train 1 process until ``step`` is logged, then SIGTERM it (it checkpoints at the next step
+    boundary and exits): the losses of a long schedule's first steps without running all of it."""
+    import signal
+    import time
+
+    cmd = [PY, *train_args(output_dir, *overrides)]
+    log = Path(output_dir).with_name(Path(output_dir).name + ".log")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=proc_env(), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            metrics = Path(output_dir) / "metrics.jsonl"
+            if metrics.is_file() and max(step_metrics(output_dir), default=0) >= step:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    losses = step_metrics(output_dir)
+    if max(losses, default=0) < step:
+        raise AssertionError(f"{' '.join(cmd)} logged only steps {sorted(losses)}, not {step}:\n"
+                             f"{log.read_text(errors='replace')[-4000:]}")
+    return losses
 
 
 def step_metrics(output_dir: Path, key: str = "train/loss") -> dict[int, float]:
