@@ -5,23 +5,36 @@ Under ZeRO-3 (``deepspeed --num_gpus N launch/export.py ...``) every rank holds 
 shard of the base model; the export gathers one parameter group (a decoder layer's
 parameters) at a time, rank 0 writes it into the current safetensors shard and frees it,
 so a 70B export never holds the whole model anywhere.
+
+The model is rebuilt with the checkpoint's own adapter settings (its ``meta.json``); a
+config that disagrees on a key that changes the weights is refused, as a resume is. The
+run's factor cache (``<output_dir>/dude_init``) is read, never written: a factorisation
+that must run again goes to a temporary folder. The export is written into a temporary
+sibling folder of ``--out`` and renamed into place when complete, with ordinary file
+permissions; an existing non-empty ``--out`` is replaced only when asked
+(``overwrite``), and never merged into.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dude_dist.adapters import get_dude_layers, inject_and_init, load_dude_state_dict
-from dude_dist.config import RunConfig, batch_layout
+from dude_dist import comm
+from dude_dist.adapters import get_dude_layers, load_dude_state_dict
+from dude_dist.config import DudeConfig, RunConfig, batch_layout
 from dude_dist.dude import DudeLinear
+from dude_dist.errors import CheckpointError, ConfigError
 from dude_dist.models import load_model
-from dude_dist.sharded_init import Comm, cache_key
+from dude_dist.sharded_init import CACHE_KEY_FILE, Comm, cache_key, inject_and_init
 from dude_dist.zero import build_ds_config, gathered, model_init_context
 
 logger = logging.getLogger(__name__)
@@ -47,30 +60,111 @@ def linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def rebuild_model(cfg: RunConfig, checkpoint: str | Path, world_size: int = 1):
-    """The trained model: base weights, DuDe injected from the factor cache, trained tensors loaded.
+# Besides the resume keys, what changes the rebuilt weights (W_f is stored in the model dtype).
+REBUILD_KEYS = ("adapter.svd_oversample", "adapter.svd_niter", "model.dtype")
 
-    Under ZeRO-3 with several ranks the base weights are partitions (see :func:`export_merged`).
+
+def config_for_checkpoint(cfg: RunConfig, checkpoint: str | Path, meta: dict | None = None) -> RunConfig:
+    """``cfg`` with the adapter settings (and model dtype) the checkpoint was trained with.
 
     Raises:
-        FileNotFoundError: the checkpoint has no ``dude_params.safetensors``.
+        ConfigError: ``cfg`` (its YAML or a ``--set``) disagrees with the checkpoint on a
+            key that changes the rebuilt weights; the message names each key and both values.
+    """
+    from dude_dist.checkpoint import _lookup, fingerprint_differences, read_meta
+
+    meta = meta if meta is not None else read_meta(checkpoint)
+    saved = meta.get("config") or {}
+    now = dataclasses.asdict(cfg)
+    differ = fingerprint_differences(meta, cfg)
+    for key in REBUILD_KEYS:
+        old = _lookup(saved, key)
+        if old is not None and old != _lookup(now, key):
+            differ.append(f"{key}: checkpoint {old!r} vs config {_lookup(now, key)!r}")
+    if differ:
+        raise ConfigError(f"checkpoint {checkpoint} was trained with other settings: {'; '.join(differ)}; drop the "
+                          "conflicting --set (or YAML change): the checkpoint's own settings rebuild its model")
+    adapter = saved.get("adapter")
+    if isinstance(adapter, dict):
+        known = {f.name for f in dataclasses.fields(DudeConfig)}
+        merged = {**dataclasses.asdict(cfg.adapter), **{k: v for k, v in adapter.items() if k in known}}
+        cfg = dataclasses.replace(cfg, adapter=DudeConfig(**merged))
+    return cfg
+
+
+def _read_only_cache(cache_dir: Path) -> Path:
+    """A private folder whose entries link to the run's factor cache: reads go to the run's
+    files, a write (a stale or missing cache) replaces the links, never the run's files."""
+    private = Path(tempfile.mkdtemp(prefix="dude_init-"))
+    if cache_dir.is_dir():
+        for entry in cache_dir.iterdir():
+            if entry.is_file():
+                (private / entry.name).symlink_to(entry.resolve())
+    return private
+
+
+def resolve_checkpoint(cfg: RunConfig, checkpoint: str | None) -> Path:
+    """The checkpoint that ``--checkpoint`` names, verified: ``auto`` (or None) is the newest
+    one under ``<output_dir>/checkpoints`` that passes verification (a damaged newer one is
+    skipped with a warning naming the file); a folder must pass it itself.
+
+    Raises:
+        CheckpointError: none under ``output_dir``, or the named one is missing or damaged.
+    """
+    from dude_dist.checkpoint import META, newest_verified, verify_checkpoint
+
+    root = Path(cfg.output_dir) / "checkpoints"
+    if checkpoint in (None, "auto"):
+        ckpt = newest_verified(root)
+        if ckpt is None:
+            raise CheckpointError(f"no complete checkpoint under {root} (output_dir={cfg.output_dir!r})")
+        return ckpt
+    ckpt = Path(checkpoint)
+    if not (ckpt / META).is_file():
+        raise CheckpointError(f"--checkpoint {checkpoint}: not a complete checkpoint (no {META} there)")
+    try:
+        verify_checkpoint(ckpt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--checkpoint {checkpoint}: {exc}") from None
+    return ckpt
+
+
+def rebuild_model(cfg: RunConfig, checkpoint: str | Path, world_size: int = 1, *, verified: bool = False):
+    """The trained model: base weights, DuDe injected from the factor cache, trained tensors loaded.
+
+    The checkpoint is verified first (sizes and checksums; ``verified`` skips the
+    checksums when :func:`resolve_checkpoint` has just checked them) and its own adapter
+    settings are used (:func:`config_for_checkpoint`). The run's factor cache is only read. Under
+    ZeRO-3 with several ranks the base weights are partitions (see :func:`export_merged`).
+
+    Raises:
+        CheckpointError: the checkpoint has no ``dude_params.safetensors`` or a damaged file.
+        ConfigError: ``cfg`` conflicts with the checkpoint's adapter/model settings.
     """
     from safetensors.torch import load_file
+
+    from dude_dist.checkpoint import verify_checkpoint
 
     checkpoint = Path(checkpoint)
     params_file = checkpoint / DUDE_PARAMS_FILE
     if not params_file.is_file():
-        raise FileNotFoundError(f"{checkpoint} has no {DUDE_PARAMS_FILE}; is it a dude_dist checkpoint?")
+        raise CheckpointError(f"{checkpoint} has no {DUDE_PARAMS_FILE}; is it a dude_dist checkpoint?")
+    meta = verify_checkpoint(checkpoint, checksums=not verified)
+    cfg = config_for_checkpoint(cfg, checkpoint, meta)
     ds_config = build_ds_config(cfg, batch_layout(cfg.train, world_size))
     if world_size == 1:
         ds_config["zero_optimization"]["stage"] = 0
     with model_init_context(ds_config):
         model = load_model(cfg.model)
     key = cache_key(cfg.adapter, cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype, linear_names(model))
-    cache_dir = checkpoint.parent.parent / "dude_init"
-    if not (cache_dir / "key.json").is_file():
-        logger.warning("no factor cache at %s: factorising again (same result, slower)", cache_dir)
-    inject_and_init(model, cfg.adapter, comm=Comm(), cache_dir=cache_dir, cache_key=key)
+    run_cache = checkpoint.parent.parent / "dude_init"
+    if not (run_cache / CACHE_KEY_FILE).is_file():
+        logger.warning("no factor cache at %s: factorising again (same result, slower)", run_cache)
+    private = _read_only_cache(run_cache)
+    try:
+        inject_and_init(model, cfg.adapter, comm=Comm(), cache_dir=private, cache_key=key)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
     load_dude_state_dict(model, {k: v for k, v in load_file(str(params_file)).items()})
     return model
 
@@ -142,18 +236,68 @@ def merged_copy(model: nn.Module) -> nn.Module:
     return plain.eval()
 
 
+def check_export_target(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an ``--out`` that cannot take an export, before any model is built.
+
+    Raises:
+        ConfigError: ``out_dir`` is a file, a non-empty folder without ``overwrite``, or
+            its parent cannot be written.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {str(out_dir)!r} is a file; give a folder for the exported model")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {str(out_dir)!r} is not empty; pass --overwrite to replace it with the new model "
+                          "(it is swapped in when complete), or give a new folder")
+    parent = out_dir.absolute().parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+        raise ConfigError(f"--out {str(out_dir)!r}: {existing} is not a writable folder")
+    return out_dir
+
+
+def _normal_permissions(folder: Path) -> None:
+    """Files 0666 and folders 0777 less the umask, as any other program writes them
+    (safetensors creates its files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Put the finished ``tmp`` at ``out_dir``; an old folder there is moved aside first and
+    removed after, so ``out_dir`` never holds a mix of the two."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
 @torch.no_grad()
 def export_merged(model: nn.Module, tokenizer, out_dir: str | Path, rank: int,
-                  max_shard_bytes: int = 4 * 1024**3) -> Path:
+                  max_shard_bytes: int = 4 * 1024**3, overwrite: bool = False) -> Path:
     """Write ``model`` as a plain Hugging Face folder (safetensors shards, config, tokenizer).
 
-    Every rank must call this (gathering is collective). Returns ``out_dir``.
+    Rank 0 writes into a temporary sibling folder and renames it to ``out_dir`` when
+    complete (a failed export leaves ``out_dir`` as it was); files get the usual
+    permissions. Every rank must call this (gathering is collective). Returns ``out_dir``.
+
+    Raises:
+        ConfigError: see :func:`check_export_target`.
     """
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
+    out_dir = check_export_target(out_dir, overwrite) if rank == 0 else Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = 0
     weight_map: dict[str, str] = {}
@@ -163,36 +307,40 @@ def export_merged(model: nn.Module, tokenizer, out_dir: str | Path, rank: int,
         nonlocal shard, shard_bytes
         if shard and rank == 0:
             name = f"model-{len(written) + 1:05d}.safetensors.tmp"
-            save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
             written.append(name)
             for key in shard:
                 weight_map[key] = name
         shard, shard_bytes = {}, 0
 
-    for group in iter_merged_groups(model, collect=rank == 0):
-        shard.update(group)
-        shard_bytes += sum(t.numel() * t.element_size() for t in group.values())
-        if shard_bytes >= max_shard_bytes:
-            flush()
-    flush()
-    if rank == 0:
-        total = len(written)
-        final = {}
-        for i, tmp in enumerate(written):
-            name = f"model-{i + 1:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors"
-            os.replace(out_dir / tmp, out_dir / name)
-            final[tmp] = name
-        if total > 1:
-            index = {"metadata": {}, "weight_map": {k: final[v] for k, v in sorted(weight_map.items())}}
-            (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-        config = model.config
-        config.use_cache = True
-        config.save_pretrained(out_dir)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(out_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir)
-        logger.info("exported a plain Hugging Face model to %s (%d shard(s))", out_dir, total)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    try:
+        for group in iter_merged_groups(model, collect=rank == 0):
+            shard.update(group)
+            shard_bytes += sum(t.numel() * t.element_size() for t in group.values())
+            if shard_bytes >= max_shard_bytes:
+                flush()
+        flush()
+        if rank == 0:
+            total = len(written)
+            final = {}
+            for i, name in enumerate(written):
+                final[name] = f"model-{i + 1:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors"
+                os.replace(tmp / name, tmp / final[name])
+            if total > 1:
+                index = {"metadata": {}, "weight_map": {k: final[v] for k, v in sorted(weight_map.items())}}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+            config = model.config
+            config.use_cache = True
+            config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            _normal_permissions(tmp)
+            _swap_in(tmp, out_dir)
+            logger.info("exported a plain Hugging Face model to %s (%d shard(s))", out_dir, total)
+    finally:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+    comm.barrier()
     return out_dir

@@ -6,7 +6,11 @@
 
 Runs the tasks of the config's eval section (GSM8K accuracy, commonsense accuracy) and the
 held-out loss of data.eval_sources; writes JSON (default <output_dir>/eval_cli.json) and
-eval/* scalars to <output_dir>/tensorboard.
+eval/* scalars to <output_dir>/tensorboard (an events.*.eval_cli file), and nothing else:
+the run's factor cache, checkpoints and metrics.jsonl are only read. --checkpoint auto
+takes the newest checkpoint that passes verification (a damaged newer one is skipped with
+a warning); the model is rebuilt with the checkpoint's own adapter settings, and a --set
+or YAML value that disagrees with them is refused.
 """
 
 import sys
