@@ -29,6 +29,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
@@ -70,12 +71,25 @@ def _split_files(folder: Path, split: str) -> list[Path]:
     )
 
 
+def _utf8_problem(path: Path) -> str | None:
+    """``file:line`` of the first bytes in ``path`` that are not UTF-8, or None."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad = line[exc.start:exc.end]
+                return (f"{path}:{lineno}: not UTF-8 text: byte(s) {bad.hex(' ')} at column {exc.start + 1} "
+                        f"({exc.reason}); re-save the file as UTF-8")
+    return None
+
+
 def _json_problem(path: Path) -> str | None:
     """Re-read a JSON/JSONL file that ``datasets`` rejected and say where it is broken."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        return f"{path}: not UTF-8 text ({exc})"
+        return _utf8_problem(path) or f"{path}: not UTF-8 text ({exc})"
     stripped = text.lstrip()
     if not stripped:
         return f"{path}: the file is empty"
@@ -133,6 +147,16 @@ def _load_files(files: list[Path]) -> datasets.Dataset:
         raise DataError(f"{', '.join(map(str, files))}: could not be read ({_root_cause(exc)})") from exc
     if len(ds) == 0:
         raise DataError(f"{', '.join(map(str, files))}: contains no records")
+    try:
+        # Arrow's JSON reader keeps invalid UTF-8 in string columns; reading such a record
+        # later fails deep inside tokenisation. Arrow checks every string here, in C++.
+        ds.data.table.validate(full=True)
+    except pa.ArrowInvalid as exc:
+        for f in files:
+            problem = _utf8_problem(f)
+            if problem:
+                raise DataError(problem) from None
+        raise DataError(f"{', '.join(map(str, files))}: invalid data ({exc})") from None
     return ds
 
 

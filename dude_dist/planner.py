@@ -35,6 +35,7 @@ optimizer_step + gathered) is what DeepSpeed's
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -342,6 +343,28 @@ class Plan:
         return d
 
 
+def check_machine(nodes: int, gpus_per_node: int, gpu_memory_gb: float, reserve_gb: float = 0.0,
+                  svd_gflops: float | None = None) -> None:
+    """Refuse machine figures no cluster has (before any model is built).
+
+    Raises:
+        PlanError: names the flag, the value and what would be valid.
+    """
+    if nodes < 1:
+        raise PlanError(f"--nodes {nodes}: must be at least 1")
+    if gpus_per_node < 1:
+        raise PlanError(f"--gpus-per-node {gpus_per_node}: must be at least 1 (the planner plans GPU runs; "
+                        "for a CPU run give the number of processes)")
+    if not math.isfinite(gpu_memory_gb) or gpu_memory_gb <= 0:
+        raise PlanError(f"--gpu-memory-gb {gpu_memory_gb}: must be a positive number of GiB (e.g. 80 for an H100)")
+    if not math.isfinite(reserve_gb) or reserve_gb < 0:
+        raise PlanError(f"--reserve-gb {reserve_gb}: must be a number of GiB >= 0")
+    if reserve_gb >= gpu_memory_gb:
+        raise PlanError(f"--reserve-gb {reserve_gb} leaves nothing of --gpu-memory-gb {gpu_memory_gb}")
+    if svd_gflops is not None and (not math.isfinite(svd_gflops) or svd_gflops <= 0):
+        raise PlanError(f"--svd-gflops {svd_gflops}: must be a positive throughput in Gflop/s")
+
+
 def plan_run(cfg: RunConfig, nodes: int, gpus_per_node: int, *, gpu_memory_gb: float = 80.0,
              svd_gflops: float | None = None, model_config: str | Path | None = None,
              reserve_gb: float = 2.0, all_trainable: bool = False, compare_deepspeed: bool = True) -> Plan:
@@ -360,11 +383,12 @@ def plan_run(cfg: RunConfig, nodes: int, gpus_per_node: int, *, gpu_memory_gb: f
         compare_deepspeed: also report DeepSpeed's estimate (imports deepspeed).
 
     Raises:
-        PlanError: the model facts cannot be found or read.
-        ValueError: ``nodes``/``gpus_per_node`` not positive, or the targets match nothing.
+        PlanError: the model facts cannot be found or read, or a machine figure is out of
+            range (``nodes``/``gpus_per_node`` below 1, a GPU memory, reserve or SVD
+            throughput that is not a positive number).
+        ValueError: the targets match nothing.
     """
-    if nodes < 1 or gpus_per_node < 1:
-        raise ValueError(f"--nodes and --gpus-per-node must be >= 1, got {nodes} and {gpus_per_node}")
+    check_machine(nodes, gpus_per_node, gpu_memory_gb, reserve_gb, svd_gflops)
     world = nodes * gpus_per_node
     batch_layout(cfg.train, world)  # a global batch the world cannot split is an error here too
     facts_path = find_model_facts(cfg.model.name_or_path, model_config)

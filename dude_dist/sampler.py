@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from dude_dist.config import BatchLayout
+from dude_dist.errors import DataError
 
 
 class StepSampler:
@@ -24,14 +25,16 @@ class StepSampler:
         seed: shuffle seed; epoch ``e`` uses ``seed + e``.
 
     Raises:
-        ValueError: fewer samples than one global batch.
+        DataError: fewer samples than one global batch.
     """
 
     def __init__(self, num_samples: int, layout: BatchLayout, seed: int) -> None:
         if num_samples < layout.global_batch_size:
-            raise ValueError(
-                f"{num_samples} training samples cannot fill one global batch of {layout.global_batch_size} "
-                f"(micro {layout.micro_batch_size} x accum {layout.grad_accum} x world {layout.world_size})"
+            raise DataError(
+                f"{num_samples} training sample(s) cannot fill one global batch of {layout.global_batch_size} "
+                f"(train.micro_batch_size {layout.micro_batch_size} x accum {layout.grad_accum} x world size "
+                f"{layout.world_size}): give data.sources (or data.limit) at least {layout.global_batch_size} "
+                f"usable samples, or lower train.global_batch_size / train.micro_batch_size"
             )
         self.num_samples = num_samples
         self.layout = layout
