@@ -179,3 +179,17 @@ def test_svd_cost_orders_methods():
     assert exact == 8192.0**3
     assert rand == 8192.0 * 8192 * 32 * 10
     assert svd_cost(8192, 1024, 16, "exact") == 8192.0 * 1024 * 1024
+
+
+def test_randomized_factors_ignore_the_default_dtype_and_default_to_seed_0():
+    w = torch.randn(80, 48, generator=torch.Generator().manual_seed(10))
+    want = randomized_svd(w, 6, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(randomized_svd(w, 6), want))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # as some user code does; the test matrix stays float32
+    try:
+        got = randomized_svd(w, 6, seed=0)
+    finally:
+        torch.set_default_dtype(previous)
+    assert all(t.dtype == torch.float32 for t in got)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
