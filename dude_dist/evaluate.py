@@ -384,6 +384,26 @@ def eval_loss(model: Any, dataset: Sequence[dict], pad_token_id: int, batch_size
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
 
 
+def check_fits_one_device(folder: str | Path, device: torch.device) -> None:
+    """Refuse to put a merged model on one GPU that cannot hold its weights.
+
+    Raises:
+        ConfigError: the safetensors weights are larger than the GPU's memory (the message
+            says how to run it partitioned instead).
+    """
+    if device.type != "cuda":
+        return
+    weights = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    memory = torch.cuda.get_device_properties(device).total_memory
+    if weights > 0.9 * memory:
+        from dude_dist.errors import ConfigError
+
+        raise ConfigError(
+            f"--merged {folder}: its weights ({weights / 2**30:.1f} GiB) do not fit one GPU ({memory / 2**30:.1f} "
+            "GiB); run it partitioned over several GPUs with ZeRO-3, e.g. deepspeed --num_gpus 8 "
+            "launch/evaluate.py --config ... --merged ...")
+
+
 def evaluate_run(cfg: Any, *, checkpoint: str | None = "auto", merged: str | None = None,
                  out: Path | None = None) -> dict:
     """Evaluate a checkpoint (base + factor cache + DuDe tensors) or a merged export.
@@ -424,8 +444,21 @@ def evaluate_run(cfg: Any, *, checkpoint: str | None = "auto", merged: str | Non
 
         if not Path(merged, "config.json").is_file():
             raise FileNotFoundError(f"--merged {merged}: no config.json there (a folder from launch/export.py)")
-        model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32 if cfg.model.dtype == "float32"
-                                                     else getattr(torch, cfg.model.dtype))
+        if env.world_size > 1 and cfg.deepspeed.zero_stage == 3:
+            # Loaded partitioned over the ranks, as in training: a 70B model never sits whole on a GPU.
+            import deepspeed
+
+            from dude_dist.config import batch_layout
+            from dude_dist.zero import build_ds_config, model_init_context
+
+            ds_config = build_ds_config(cfg, batch_layout(cfg.train, env.world_size))
+            with model_init_context(ds_config):
+                model = AutoModelForCausalLM.from_pretrained(merged, dtype=getattr(torch, cfg.model.dtype))
+            model = deepspeed.initialize(model=model, config=ds_config)[0].module
+            synced = True
+        else:
+            check_fits_one_device(merged, env.device)
+            model = AutoModelForCausalLM.from_pretrained(merged, dtype=getattr(torch, cfg.model.dtype))
         tokenizer = AutoTokenizer.from_pretrained(merged)
         ensure_pad_token(tokenizer)
         source = str(merged)
@@ -445,10 +478,10 @@ def evaluate_run(cfg: Any, *, checkpoint: str | None = "auto", merged: str | Non
             model = deepspeed.initialize(model=model, config=ds_config)[0].module
             synced = True
         source = str(ckpt)
-    device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
     if not synced:
-        model.to(device)
-    results: dict = {"source": source, "tasks": run_eval(model, tokenizer, cfg.eval, synced_gpus=synced)}
+        model.to(env.device)
+    results: dict = {"source": source, "tasks": run_eval(model, tokenizer, cfg.eval, synced_gpus=synced, rank=env.rank,
+                                                              world_size=env.world_size)}
     if cfg.data.eval_sources:
         data = build_datasets(cfg.data, tokenizer)
         if data.eval is not None:

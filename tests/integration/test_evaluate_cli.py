@@ -25,14 +25,21 @@ def test_checkpoint_and_merged_export_evaluate_alike(tmp_path):
     run(launcher_cmd(1, "python") + ["launch/export.py", "--config", "configs/tiny_cpu.yaml", "--set",
                                      f"output_dir={out}", "--out", str(exported)])
     run(launcher_cmd(1, "python") + base + ["--merged", str(exported), "--out", str(tmp_path / "merged.json")])
+    # The merged model loaded partitioned over 2 ranks (ZeRO-3, every parameter partitioned), its
+    # prompts shared out over the ranks: the same completions, in the same order.
+    run(launcher_cmd(2, "torchrun") + base + ["--merged", str(exported), "--out", str(tmp_path / "zero3.json"),
+                                              "--set", "deepspeed.stage3_param_persistence_threshold=0"])
     a = json.loads((tmp_path / "ckpt.json").read_text())
     b = json.loads((tmp_path / "merged.json").read_text())
+    c = json.loads((tmp_path / "zero3.json").read_text())
     assert set(a["tasks"]) == {"gsm8k", "boolq"}
     for task in a["tasks"]:
-        ra, rb = a["tasks"][task], b["tasks"][task]
-        assert ra["n"] == 4 and 0.0 <= ra["accuracy"] <= 1.0
+        ra, rb, rc = a["tasks"][task], b["tasks"][task], c["tasks"][task]
+        assert ra["n"] == rc["n"] == 4 and 0.0 <= ra["accuracy"] <= 1.0
         assert [r["completion"] for r in ra["records"]] == [r["completion"] for r in rb["records"]]
+        assert [r["completion"] for r in rc["records"]] == [r["completion"] for r in rb["records"]]
     assert a["loss"]["loss"] == pytest.approx(b["loss"]["loss"], rel=1e-5)
+    assert c["loss"]["loss"] == pytest.approx(b["loss"]["loss"], rel=1e-5)
     scalars = read_scalars(out / "tensorboard")
     assert "eval/gsm8k_accuracy" in scalars and "eval/boolq_accuracy" in scalars
 
