@@ -322,19 +322,41 @@ def verify_checkpoint_files(ckpt: str | Path) -> None:
     """
     allowed = _deepspeed_safe_globals()
     for path in sorted(Path(ckpt).glob("*.pt")):
+        _verify_pickle(Path(ckpt), path, allowed)
+
+
+class _ForbiddenGlobal(CheckpointError):
+    """A pickle that names something besides tensors, containers and DeepSpeed data classes."""
+
+
+def _verify_pickle(ckpt: Path, path: Path, allowed: list) -> None:
+    try:
+        is_zip = zipfile.is_zipfile(path)
+        with torch.serialization.safe_globals(allowed):
+            # mmap needs torch's zip format; anything else is read whole (still restricted).
+            torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except OSError as exc:  # truncated (mmap past the end), unreadable
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: {path.name} cannot be read "
+                              f"({exc.strerror or exc}; {path.stat().st_size if path.exists() else 0} bytes)"
+                              ) from None
+    except Exception as exc:  # noqa: BLE001  (whatever the restricted unpickler raises: the file is refused)
+        kind = _ForbiddenGlobal if _GLOBAL.search(str(exc)) else CheckpointError
+        raise kind(
+            f"refusing to load checkpoint {ckpt}: {path.name}: {_unpickling_problem(exc)}; the file is damaged "
+            "or has been tampered with (nothing in it was run)") from None
+
+
+def _tampered(ckpt: Path, name: str) -> None:
+    """Raise the restricted unpickler's verdict on a ``*.pt`` file the manifest does not
+    match, if it names a forbidden global: that says more than the size or checksum."""
+    path = ckpt / name
+    if path.suffix == ".pt" and path.is_file():
         try:
-            is_zip = zipfile.is_zipfile(path)
-            with torch.serialization.safe_globals(allowed):
-                # mmap needs torch's zip format; anything else is read whole (still restricted).
-                torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-        except OSError as exc:  # truncated (mmap past the end), unreadable
-            raise CheckpointError(f"checkpoint {ckpt} is damaged: {path.name} cannot be read "
-                                  f"({exc.strerror or exc}; {path.stat().st_size if path.exists() else 0} bytes)"
-                                  ) from None
-        except Exception as exc:  # noqa: BLE001  (whatever the restricted unpickler raises: the file is refused)
-            raise CheckpointError(
-                f"refusing to load checkpoint {ckpt}: {path.name}: {_unpickling_problem(exc)}; the file is damaged "
-                "or has been tampered with (nothing in it was run)") from None
+            _verify_pickle(ckpt, path, _deepspeed_safe_globals())
+        except _ForbiddenGlobal:
+            raise
+        except CheckpointError:
+            pass
 
 
 def safetensors_problem(path: Path) -> str | None:
@@ -403,6 +425,7 @@ def verify_checkpoint(ckpt: str | Path, *, checksums: bool = True) -> dict:
             except OSError as exc:
                 raise CheckpointError(f"checkpoint {ckpt} is damaged: {name} cannot be read ({exc})") from None
             if size != entry["size"]:
+                _tampered(ckpt, name)
                 raise CheckpointError(f"checkpoint {ckpt} is damaged: {name} has {size} bytes, the manifest "
                                       f"records {entry['size']} (truncated or overwritten)")
     meta = read_meta(ckpt)
@@ -423,6 +446,7 @@ def verify_checkpoint(ckpt: str | Path, *, checksums: bool = True) -> dict:
             except OSError as exc:
                 raise CheckpointError(f"checkpoint {ckpt} is damaged: {name} cannot be read ({exc})") from None
             if digest != entry["sha256"]:
+                _tampered(ckpt, name)
                 raise CheckpointError(f"checkpoint {ckpt} is damaged: {name} does not match its sha256 in the "
                                       "manifest (its bytes changed after the save)")
     elif manifest is None:

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from dude_dist.config import load_config
-from dude_dist.errors import ConfigError, DataError, DudeError, ModelLoadError, PlanError
+from dude_dist.errors import ConfigError, DataError, ModelLoadError, PlanError
 from tests.helpers import PY, ROOT, proc_env, run, train
 
 STORIES = ROOT.parent / "shared" / "models" / "stories260K"
@@ -376,7 +376,3 @@ def test_cli_mistakes_are_one_error_line_before_the_model(tmp_path):
         assert re.search(expect, line), (name, line)
         assert "init plan" not in proc.stderr and "trainable parameters" not in proc.stderr, name
     assert not list((tmp_path / "out").glob("*/checkpoints")) and not list((tmp_path / "out").glob("*/dude_init"))
-
-
-def test_errors_used_here_are_user_errors():
-    assert all(issubclass(cls, DudeError) for cls in (ConfigError, DataError, ModelLoadError, PlanError))
