@@ -573,8 +573,8 @@ def stage_bf16_sync(run: Run, stage: Stage) -> None:
         stage.check("sync debug mode was on in every step", syncs.get("watched_steps") == len(losses),
                     syncs.get("watched_steps"))
         if syncs.get("total"):
-            stage.notes.append(f"{syncs['total']} host syncs in {syncs['watched_steps']} steps "
-                               f"({syncs.get('project_total', 0)} from dude_dist/launch code); see figures.syncs")
+            stage.notes.append(f"{syncs['total']} host syncs in {syncs['watched_steps']} steps, by the package "
+                               f"that asked: {syncs.get('by_origin')}; see the table below")
     else:
         stage.notes.append("host-sync count needs CUDA (not taken in dry mode)")
 
@@ -701,7 +701,8 @@ def _headline(name: str, figures: dict) -> str:
     if name == "bf16_sync" and "losses" in f:
         s = f.get("syncs", {})
         syncs = (f"{s.get('total', 0)} host syncs in {s.get('watched_steps', 0)} steps "
-                 f"({s.get('project_total', 0)} in dude_dist/launch)" if s.get("enabled") else "syncs not watched (CPU)")
+                 f"({s.get('project_total', 0)} asked for by dude_dist/launch code)" if s.get("enabled")
+                 else "syncs not watched (CPU)")
         return (f"loss {_fmt(f['losses'][0])} → {_fmt(f['losses'][-1])}; {_fmt(f['tokens_per_s_after_step_1'])} "
                 f"tokens/s; {syncs}")
     if name == "layer_bench" and "rows" in f:
@@ -740,9 +741,13 @@ def render_markdown(data: dict, out: Path) -> str:
             lines.append("")
     syncs = data["stages"].get("bf16_sync", {}).get("figures", {}).get("syncs", {})
     if syncs.get("sites"):
-        lines += ["**Host syncs inside Trainer.step (bf16 run), by the line that synced**", "",
-                  "| count | innermost frame | innermost dude_dist/launch frame |", "|---|---|---|"]
-        lines += [f"| {s['count']} | `{s['site']}` | `{s['project'] or '—'}` |" for s in syncs["sites"][:20]]
+        origins = ", ".join(f"{name} {n}" for name, n in syncs.get("by_origin", {}).items())
+        lines += [f"**Host syncs inside Trainer.step (bf16 run): {syncs['total']} in {syncs['watched_steps']} steps "
+                  f"({', '.join(map(str, syncs['per_step']))} per step); by the package that asked: {origins}**", "",
+                  "| count | synced in | called from (first frame outside torch) | dude_dist/launch frame |",
+                  "|---|---|---|---|"]
+        lines += [f"| {s['count']} | `{s['site']}` | `{s.get('caller', '')}` | `{s['project'] or '—'}` |"
+                  for s in syncs["sites"][:20]]
         lines.append("")
     for name in ("layer_bench", "train_bench"):
         for fname in data["stages"].get(name, {}).get("figures", {}).get("files", []):
@@ -768,7 +773,9 @@ def write_log(run: Run) -> None:
 
 class SyncWatch:
     """Counts the host syncs that ``torch.cuda.set_sync_debug_mode("warn")`` reports while a
-    block runs, each with its innermost Python frame and innermost dude_dist/launch frame."""
+    block runs. Each is kept with three frames: the innermost (where the sync happened, often
+    inside torch), the caller (the innermost frame outside torch: the code that asked for
+    it) and the innermost dude_dist/launch frame; ``origin`` is the caller's package."""
 
     def __init__(self) -> None:
         import torch
@@ -776,16 +783,23 @@ class SyncWatch:
         self.enabled = torch.cuda.is_available()
         self.per_step: dict[int, int] = {}
         self.sites: Counter = Counter()
-        self.project: dict[str, str] = {}
 
     @staticmethod
-    def _where(frame) -> str:
-        path = Path(frame.filename)
+    def _path(filename: str) -> str:
+        """A frame's file relative to the project root or to the folder packages install into."""
+        path = Path(filename)
         try:
-            rel = str(path.resolve().relative_to(ROOT))
+            return str(path.resolve().relative_to(ROOT))
         except ValueError:
-            rel = str(path).split("site-packages/")[-1]
-        return f"{rel}:{frame.lineno} ({frame.name})"
+            text = str(path)
+            for marker in ("site-packages/", "/site/", "dist-packages/"):
+                if marker in text:
+                    return text.rsplit(marker, 1)[-1]
+            return text
+
+    @classmethod
+    def _where(cls, frame) -> str:
+        return f"{cls._path(frame.filename)}:{frame.lineno} ({frame.name})"
 
     @contextmanager
     def watch(self, step: int):
@@ -802,12 +816,17 @@ class SyncWatch:
                 return previous(message, category, filename, lineno, file, line)
             frames = [f for f in traceback.extract_stack()[:-1]
                       if f.filename != here and not f.filename.endswith(("/warnings.py", "<frozen warnings>"))]
+            paths = [self._path(f.filename) for f in frames]
             site = self._where(frames[-1]) if frames else f"{filename}:{lineno}"
-            own = [f for f in frames if str(Path(f.filename).resolve()).startswith((str(ROOT / "dude_dist"),
-                                                                                     str(ROOT / "launch")))]
+            outside = [i for i, path in enumerate(paths) if not path.startswith("torch/")]
+            caller = self._where(frames[outside[-1]]) if outside else site
+            own = [i for i, path in enumerate(paths) if path.startswith(("dude_dist/", "launch/"))]
+            project = self._where(frames[own[-1]]) if own else ""
+            caller_path = paths[outside[-1]] if outside else ""
+            origin = "dude_dist" if caller_path.startswith(("dude_dist/", "launch/")) else \
+                caller_path.split("/", 1)[0] or "torch"
             self.per_step[step] += 1
-            self.sites[site] += 1
-            self.project.setdefault(site, self._where(own[-1]) if own else "")
+            self.sites[(site, caller, project, origin)] += 1
 
         with warnings.catch_warnings():
             warnings.filterwarnings("always", message=f".*{SYNC_MESSAGE}")
@@ -820,13 +839,16 @@ class SyncWatch:
                 torch.cuda.set_sync_debug_mode("default")
 
     def report(self) -> dict:
-        total = sum(self.per_step.values())
-        project_total = sum(n for site, n in self.sites.items() if self.project.get(site))
-        return {"enabled": self.enabled, "watched_steps": len(self.per_step), "total": total,
-                "project_total": project_total, "per_step": [self.per_step[k] for k in sorted(self.per_step)],
-                "after_first_step": sum(n for k, n in self.per_step.items() if k != min(self.per_step, default=0)),
-                "sites": [{"site": site, "count": n, "project": self.project.get(site, "")}
-                          for site, n in self.sites.most_common()]}
+        by_origin: Counter = Counter()
+        for (_, _, _, origin), n in self.sites.items():
+            by_origin[origin] += n
+        first = min(self.per_step, default=0)
+        return {"enabled": self.enabled, "watched_steps": len(self.per_step), "total": sum(self.per_step.values()),
+                "by_origin": dict(by_origin.most_common()), "project_total": by_origin.get("dude_dist", 0),
+                "per_step": [self.per_step[k] for k in sorted(self.per_step)],
+                "after_first_step": sum(n for k, n in self.per_step.items() if k != first),
+                "sites": [{"count": n, "site": site, "caller": caller, "project": project, "origin": origin}
+                          for (site, caller, project, origin), n in self.sites.most_common()]}
 
 
 def worker_train(argv: list[str]) -> int:
