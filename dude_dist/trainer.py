@@ -224,8 +224,9 @@ class Trainer:
             tokens += len(self.train_set[i]["input_ids"])
         return targets, tokens
 
-    def forward_backward(self, step: int, micro_batches: list[LossInputs]) -> tuple[float, int, int, list[int], bool]:
-        """Accumulate gradients of (summed token loss / global labelled tokens).
+    def forward_backward(self, step: int, micro_batches: list[LossInputs]
+                         ) -> tuple[float, int, int, list[int], bool, float]:
+        """Accumulate gradients of (summed token loss / global labelled tokens) and step.
 
         DeepSpeed divides by the accumulation steps and averages over ranks; the
         ``world * accum`` factor undoes both, leaving the exact global token mean.
@@ -234,38 +235,45 @@ class Trainer:
         on the device), so ZeRO's reduction spreads it to every rank, finds a non-finite
         gradient norm and skips the optimizer step as it skips an fp16 overflow: no parameter,
         optimizer-state or LR change. One all-reduce at the end tells every rank the summed
-        loss, which micro-batches were non-finite, and whether any rank asked to stop.
+        loss, which micro-batches were non-finite, and whether any rank asked to stop; one
+        copy to the host reads it together with the gradient norm.
 
         Returns:
             mean loss, global labelled tokens, global tokens, the training-set indices of the
-            micro-batches (any rank) whose loss was non-finite, and the stop decision.
+            micro-batches (any rank) whose loss was non-finite, the stop decision, and the
+            gradient norm.
         """
         global_targets, global_tokens = self.global_counts(step)
         scale = self.world * self.layout.grad_accum / max(global_targets, 1)
         accum = len(micro_batches)
         inject_nan = step + 1 in self.faults.nan_steps and self.rank == self.world - 1
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        flags = torch.zeros(self.world * accum, dtype=torch.float64, device=self.device)
+        # [summed loss, stop request, a non-finite flag per (rank, micro-batch)], on the device
+        stats = torch.zeros(2 + self.world * accum, dtype=torch.float64, device=self.device)
         for micro, inputs in enumerate(micro_batches):
             loss = summed_loss(self.engine, inputs)
             if inject_nan and micro == accum - 1:
                 loss = loss * float("nan")
             bad = ~torch.isfinite(loss.detach())
-            flags[self.rank * accum + micro] = bad.double()
+            stats[2 + self.rank * accum + micro] = bad.double()
             if not self._can_skip:
-                self._refuse_unskippable(step, flags, micro, accum)
+                self._refuse_unskippable(step, stats[2:], accum)
             loss = loss * torch.where(bad, float("nan"), 1.0)
             self.engine.backward(loss * scale)
             self.engine.step()
-            loss_sum += loss.detach().double()
-        stop = 1.0 if self.stops.requested() else 0.0
-        totals = comm.all_reduce(torch.cat([loss_sum[None], torch.tensor([stop], dtype=torch.float64,
-                                                                         device=self.device), flags])).tolist()
-        bad_samples = sorted(i for slot, flag in enumerate(totals[2:]) if flag
+            stats[0] += loss.detach().double()
+        stats[1].fill_(1.0 if self.stops.requested() else 0.0)
+        comm.all_reduce(stats)
+        grad_norm = self.engine.get_global_grad_norm()
+        if isinstance(grad_norm, torch.Tensor):
+            values = torch.cat([stats, grad_norm.detach().reshape(1).to(stats)]).tolist()
+        else:
+            values = stats.tolist() + [float("nan") if grad_norm is None else float(grad_norm)]
+        bad_samples = sorted(i for slot, flag in enumerate(values[2:-1]) if flag
                              for i in self.sampler.micro_batches(step, slot // accum)[slot % accum])
-        return totals[0] / max(global_targets, 1), global_targets, global_tokens, bad_samples, totals[1] > 0
+        return (values[0] / max(global_targets, 1), global_targets, global_tokens, bad_samples, values[1] > 0,
+                values[-1])
 
-    def _refuse_unskippable(self, step: int, flags: torch.Tensor, micro: int, accum: int) -> None:
+    def _refuse_unskippable(self, step: int, flags: torch.Tensor, accum: int) -> None:
         """Without a step-skipping optimizer (ZeRO off, fp32) a non-finite loss must stop the run
         before DeepSpeed applies it; this costs a collective and a sync per micro-batch."""
         seen = comm.all_reduce(flags.clone()).tolist()
@@ -281,9 +289,7 @@ class Trainer:
         t0 = time.perf_counter()
         lr = float(self.engine.get_lr()[0])
         self.layer_grads.reset(step)
-        loss, _, tokens, bad_samples, stop = self.forward_backward(step, self.batches(step))
-        grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        loss, _, tokens, bad_samples, stop, grad_norm = self.forward_backward(step, self.batches(step))
         skipped = not self.engine.was_step_applied()
         number = step + 1
         if bad_samples and not skipped:
