@@ -359,8 +359,6 @@ def check_machine(nodes: int, gpus_per_node: int, gpu_memory_gb: float, reserve_
         raise PlanError(f"--gpu-memory-gb {gpu_memory_gb}: must be a positive number of GiB (e.g. 80 for an H100)")
     if not math.isfinite(reserve_gb) or reserve_gb < 0:
         raise PlanError(f"--reserve-gb {reserve_gb}: must be a number of GiB >= 0")
-    if reserve_gb >= gpu_memory_gb:
-        raise PlanError(f"--reserve-gb {reserve_gb} leaves nothing of --gpu-memory-gb {gpu_memory_gb}")
     if svd_gflops is not None and (not math.isfinite(svd_gflops) or svd_gflops <= 0):
         raise PlanError(f"--svd-gflops {svd_gflops}: must be a positive throughput in Gflop/s")
 
