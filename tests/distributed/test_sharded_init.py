@@ -15,24 +15,32 @@ from tests.helpers import launcher_cmd, run
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def reference(stories_path):
+_REFERENCES: dict[str, tuple] = {}
+
+
+def reference(stories_path, svd: str):
+    """stories260K with DuDe applied in this process (``svd`` exact or randomized), and its original logits."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(stories_path, dtype=torch.float32)
-    ids = torch.arange(24).remainder(500).view(2, 12) + 3
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    apply_dude(model, DudeConfig(rank=4))
-    return model, logits
+    if svd not in _REFERENCES:
+        model = AutoModelForCausalLM.from_pretrained(stories_path, dtype=torch.float32)
+        ids = torch.arange(24).remainder(500).view(2, 12) + 3
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        apply_dude(model, DudeConfig(rank=4, svd=svd))
+        _REFERENCES[svd] = (model, logits)
+    return _REFERENCES[svd]
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
-def test_sharded_init_matches_single_process(nproc, stories_path, reference, tmp_path):
-    run(launcher_cmd(nproc) + ["tests/distributed/init_worker.py", str(stories_path), str(tmp_path)], timeout=300)
+@pytest.mark.parametrize(("nproc", "svd"), [(2, "exact"), (3, "exact"), (2, "randomized")])
+def test_sharded_init_matches_single_process(nproc, svd, stories_path, tmp_path):
+    """Every rank's factors, residual and norms equal one process's (the randomized SVD is
+    seeded per layer name, so the owner rank computes what one process computes)."""
+    run(launcher_cmd(nproc) + ["tests/distributed/init_worker.py", str(stories_path), str(tmp_path), svd],
+        timeout=300)
     got = load_file(str(tmp_path / "init.safetensors"))
     stats = json.loads((tmp_path / "stats.json").read_text())
-    model, original_logits = reference
+    model, original_logits = reference(stories_path, svd)
     modules = dict(model.named_modules())
     assert stats["partitioned"], "the worker's weights were not ZeRO-3 partitions"
     checked = 0
@@ -45,6 +53,11 @@ def test_sharded_init_matches_single_process(nproc, stories_path, reference, tmp
         assert diff <= 1e-6, f"{key}: max |diff| {diff:.3g} vs single-process apply_dude"
         checked += 1
     assert checked == 10 * 5  # 5 layers x (q, v) x (weight, lora_a, lora_b, magnitude, weight_sq_norm)
+    if svd == "randomized":  # the worker factorised by the randomized method, not the exact one
+        exact = dict(reference(stories_path, "exact")[0].named_modules())
+        name = "model.layers.0.self_attn.q_proj"
+        gap = (exact[name].lora_b @ exact[name].lora_a - got[f"{name}.lora_b"] @ got[f"{name}.lora_a"]).abs().max()
+        assert gap.item() > 1e-5, gap
     scale = original_logits.abs().max().item()
     assert (got["logits"] - original_logits).abs().max().item() / scale <= 1e-5
 
@@ -53,7 +66,8 @@ def test_sharded_init_matches_single_process(nproc, stories_path, reference, tmp
     shapes = [(m.out_features, m.in_features) for n, m in modules.items() if n.endswith(("q_proj", "v_proj"))]
     assert stats["svd_count"] == 10
     assert sum(stats["layers_per_rank"]) == 10 and min(stats["layers_per_rank"]) >= 1
-    assert stats["bytes_broadcast"] == sum(4 * (r * (i + o) + o) for o, i in shapes)
+    # A0 [r, in] and B0 [out, r]; each rank computes m0 from its own shard and the factors.
+    assert stats["bytes_broadcast"] == sum(4 * r * (i + o) for o, i in shapes)
     assert stats["bytes_residual_broadcast"] == sum(4 * o * i for o, i in shapes)
 
 

@@ -54,6 +54,21 @@ def test_export_from_two_rank_zero3_run(tmp_path):
         dude_logits = model(input_ids=torch.tensor(ids)).logits
     assert (plain - dude_logits).abs().max().item() <= 1e-4
 
+    # Each exported weight is W' = m (W_f + B A) / ||W_f + B A||_row, materialised here in float64
+    # from the checkpoint's tensors (not through the code under test's row_norm/merged_weight).
+    from safetensors.torch import load_file
+
+    from dude_dist.adapters import get_dude_layers
+
+    weights = load_file(str(exported / "model.safetensors"))
+    layers = get_dude_layers(model)
+    assert len(layers) == 10
+    for name, layer in layers.items():
+        full = layer.weight.double() + layer.lora_b.detach().double() @ layer.lora_a.detach().double()
+        want = layer.magnitude.detach().double()[:, None] * full / full.norm(dim=1, keepdim=True)
+        got = weights[f"{name}.weight"].double()
+        assert (got - want).abs().max().item() <= 1e-6 * want.abs().max().item(), name
+
     # ... and it is the model the 2-rank engine trained: the same held-out loss.
     from dude_dist.data import build_datasets
     from dude_dist.evaluate import eval_loss
