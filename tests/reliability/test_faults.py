@@ -337,16 +337,20 @@ def test_resume_with_changed_keys_refused_unless_forced(reference, tmp_path):
                             "adapter.targets: checkpoint ['q_proj', 'v_proj'] vs config ['q_proj']"),
         "model.name_or_path": (f"model.name_or_path={moved_model}", "model.name_or_path: checkpoint "),
     }
+    # One copy each: a run directory takes one run at a time (they run side by side).
+    copies = {key: tmp_path / key for key in cases}
+    for copy in copies.values():
+        shutil.copytree(out, copy)
     with ThreadPoolExecutor(len(cases)) as pool:  # start-up dominates: run the three side by side
         procs = dict(zip(cases, pool.map(
-            lambda case: train(out, *COMMON, case[0], resume="auto", check=False, timeout=120), cases.values())))
+            lambda key: train(copies[key], *COMMON, cases[key][0], resume="auto", check=False, timeout=120), cases)))
     for key, (_, expected) in cases.items():
         proc = procs[key]
         assert proc.returncode == 2, (key, proc.stderr[-3000:])
-        assert f"error: refusing to resume from {out / 'checkpoints' / 'step_00000010'}: " in proc.stderr
+        assert f"error: refusing to resume from {copies[key] / 'checkpoints' / 'step_00000010'}: " in proc.stderr
         assert expected in proc.stderr and "--force-resume" in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr and "init plan" not in proc.stderr
-    assert not (out / "metrics.jsonl").exists()  # nothing was started, nothing archived
+        assert not (copies[key] / "metrics.jsonl").exists()  # nothing was started, nothing archived
 
     forced = run([PY, "launch/train.py", "--config", "configs/tiny_cpu.yaml", "--resume", "auto", "--force-resume",
                   "--set", f"output_dir={out}", *[a for o in COMMON for a in ("--set", o)],
