@@ -176,8 +176,9 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def check_model_folder(cfg: ModelConfig, path: str) -> None:
-    """Fail before any heavy work on a local model folder that cannot load: no weights,
-    a missing shard, a truncated safetensors file, or a missing ``model.gguf_file``.
+    """Fail before any heavy work on a local model folder that cannot load: a config that
+    is not a causal LM, no weights, a missing shard, a truncated safetensors file, or a
+    missing ``model.gguf_file``.
 
     Only headers are read (a 140 GB model is checked in milliseconds).
 
@@ -188,6 +189,8 @@ def check_model_folder(cfg: ModelConfig, path: str) -> None:
 
     folder = Path(path)
     key = f"model.name_or_path {cfg.name_or_path!r}"
+    if not cfg.gguf_file:  # what the folder is comes first: a tokenizer-only folder of an encoder says so
+        _check_causal_config(cfg, path, {"trust_remote_code": cfg.trust_remote_code})
     if cfg.gguf_file:
         if not (folder / cfg.gguf_file).is_file():
             present = ", ".join(sorted(p.name for p in folder.glob("*.gguf"))) or "none"
@@ -323,6 +326,25 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
+def _check_causal_config(cfg: ModelConfig, path: str, kwargs: dict) -> None:
+    """The model's config.json loads and names a causal LM.
+
+    Raises:
+        ModelLoadError: it does not load, or the model is not a causal LM.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.name_or_path {cfg.name_or_path!r}: cannot read a model config: {exc}") from None
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise ModelLoadError(
+            f"model.name_or_path {cfg.name_or_path!r} is a {config.model_type!r} model, not a causal LM "
+            "that AutoModelForCausalLM can load"
+        )
+
+
 def load_model(cfg: ModelConfig):
     """``AutoModelForCausalLM.from_pretrained`` with the configured dtype.
 
@@ -333,18 +355,10 @@ def load_model(cfg: ModelConfig):
         ModelLoadError: the path is missing or the checkpoint is not a causal LM.
     """
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path, kwargs = _source(cfg, convert=False)
-    try:
-        config = AutoConfig.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"model.name_or_path {cfg.name_or_path!r}: cannot read a model config: {exc}") from None
-    if type(config) not in AutoModelForCausalLM._model_mapping:
-        raise ModelLoadError(
-            f"model.name_or_path {cfg.name_or_path!r} is a {config.model_type!r} model, not a causal LM "
-            "that AutoModelForCausalLM can load"
-        )
+    _check_causal_config(cfg, path, kwargs)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
