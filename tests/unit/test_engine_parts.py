@@ -39,6 +39,8 @@ def test_sampler_is_world_size_independent_and_disjoint():
     assert StepSampler(100, one.layout, seed=4).global_batch(0) != one.global_batch(0)
     with pytest.raises(ValueError, match="cannot fill one global batch"):
         StepSampler(7, one.layout, seed=0)
+    # A resumed run's fresh sampler starts in a later epoch; it gives the same batches.
+    assert StepSampler(100, one.layout, seed=3).global_batch(13) == one.global_batch(13)
     exact = StepSampler(8, one.layout, seed=0)  # exactly one global batch is enough
     assert exact.steps_per_epoch == 1 and sorted(exact.global_batch(0)) == list(range(8))
 

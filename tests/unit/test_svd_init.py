@@ -193,3 +193,27 @@ def test_randomized_factors_ignore_the_default_dtype_and_default_to_seed_0():
         torch.set_default_dtype(previous)
     assert all(t.dtype == torch.float32 for t in got)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_svd_cost_caps_the_sketch_at_the_smaller_side_and_uses_the_documented_defaults():
+    # k = min(rank + oversample, out, in); randomized cost out * in * k * (2 niter + 2).
+    assert svd_cost(8, 1024, 16, "randomized") == 8.0 * 1024 * 8 * 10
+    assert svd_cost(1024, 8, 16, "randomized") == 1024.0 * 8 * 8 * 10
+    assert svd_cost(512, 512, 16, "randomized") == 512.0 * 512 * 32 * 10  # oversample 16, niter 4
+
+
+def test_unknown_variant_in_split_lists_the_valid_ones():
+    from dude_dist.svd_init import split_singular_values
+
+    u, s, vh = exact_svd(torch.eye(4), 2)
+    with pytest.raises(ValueError, match=r"^unknown variant 'dude_c'; valid: dude, dude_a, dude_b$"):
+        split_singular_values(u, s, vh, "dude_c")
+
+
+def test_measured_svd_throughput_is_a_plausible_rate():
+    from dude_dist.svd_init import measure_svd_gflops
+
+    # CPU SVD runs at 0.1-1000 Gflop/s in svd_cost's units; seconds or a 1e9 misplaced is far off.
+    for method in ("exact", "randomized"):
+        rate = measure_svd_gflops(16, method, size=128)
+        assert 0.1 < rate < 1e4, (method, rate)
