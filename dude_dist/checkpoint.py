@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from dude_dist import comm
 from dude_dist.errors import CheckpointError, ConfigError, DudeError, TrainingError
 
 logger = logging.getLogger(__name__)
@@ -68,8 +68,7 @@ _DISK_FULL_BYTES = 64 * 2**20
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    comm.barrier()
 
 
 def rng_state() -> dict:
@@ -159,12 +158,7 @@ def save_checkpoint(engine, root: str | Path, step: int, meta: dict, rank: int, 
 
 def _any_rank(flag: bool) -> bool:
     """Whether ``flag`` is set on any rank (the barrier that ends each phase of a save)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return comm.max_floats([1.0 if flag else 0.0])[0] > 0
 
 
 def _abandon(partial: Path, rank: int) -> None:
@@ -580,23 +574,23 @@ def select_checkpoint(root: str | Path, resume: str, cfg: Any, world_size: int,
 
 def _on_rank0(fn):
     """``fn()`` on rank 0; every other rank gets its result, or raises its user error."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not comm.is_active():
         return fn()
-    box: list = [None]
-    if dist.get_rank() == 0:
+    box = None
+    if comm.rank() == 0:
         try:
-            box = [("ok", fn())]
+            box = ("ok", fn())
         except DudeError as exc:
-            box = [("error", type(exc).__name__, str(exc))]
+            box = ("error", type(exc).__name__, str(exc))
         except BaseException:  # a bug: rank 0 keeps its traceback, the others stop instead of waiting
-            dist.broadcast_object_list([("error", "CheckpointError", "rank 0 failed while checking the checkpoint "
-                                         "(its traceback says why)")], src=0)
+            comm.broadcast_object(("error", "CheckpointError", "rank 0 failed while checking the checkpoint "
+                                   "(its traceback says why)"), src=0)
             raise
-    dist.broadcast_object_list(box, src=0)
-    if box[0][0] == "ok":
-        return box[0][1]
+    box = comm.broadcast_object(box, src=0)
+    if box[0] == "ok":
+        return box[1]
     kinds = {cls.__name__: cls for cls in (CheckpointError, ConfigError, TrainingError)}
-    raise kinds.get(box[0][1], CheckpointError)(box[0][2])
+    raise kinds.get(box[1], CheckpointError)(box[2])
 
 
 def load_checkpoint(engine, ckpt: str | Path, rank: int) -> dict:

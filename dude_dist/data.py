@@ -35,10 +35,11 @@ import torch
 
 from dude_dist.config import DataConfig
 from dude_dist.errors import DataError
+from dude_dist.loss import IGNORE_INDEX  # the loss owns the ignore label
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
+
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 

@@ -36,20 +36,18 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dude_dist.config import DudeConfig, RunConfig, batch_layout
+from dude_dist.config import DTYPES, DudeConfig, RunConfig, batch_layout
 from dude_dist.errors import PlanError
 from dude_dist.sharded_init import plan_init
-from dude_dist.svd_init import factorize, svd_cost
+from dude_dist.svd_init import measure_svd_gflops
 
 GIB = 2**30
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 ADAM_STATE_BYTES = 12  # fp32 master + exp_avg + exp_avg_sq
 FP32_GRAD_BYTES = 4
 SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's zero_optimization.sub_group_size default
@@ -284,23 +282,35 @@ def deepspeed_estimate(total_params: int, largest_layer_params: int, num_gpus_pe
 
 
 def calibrate_svd_gflops(adapter: DudeConfig, size: int = 512) -> float:
-    """Measured throughput of this machine in ``svd_cost`` units (Gflop/s), nothing cached.
+    """This machine's CPU throughput in ``svd_cost`` units (:func:`dude_dist.svd_init.measure_svd_gflops`).
 
-    Times one factorisation of a random ``size x size`` float32 matrix with the configured
-    method after one warm-up. ``svd_cost`` is a model (exact: ``out*in*min``), so this is
-    a rate in that model's units; a small CPU SVD extrapolates to large ones roughly, and a
-    GPU is much faster: pass ``svd_gflops`` for the cluster's figure.
+    A GPU is much faster: pass ``svd_gflops`` for the cluster's figure (the trainer measures
+    the device it runs on and logs its own estimate).
     """
-    rank = min(adapter.rank, size)
-    weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
-    kwargs = {"variant": adapter.variant, "method": adapter.svd, "name": "calibration",
-              "oversample": adapter.svd_oversample, "niter": adapter.svd_niter}
-    factorize(weight, rank, **kwargs)
-    start = time.perf_counter()
-    factorize(weight, rank, **kwargs)
-    seconds = max(time.perf_counter() - start, 1e-6)
-    cost = svd_cost(size, size, rank, adapter.svd, oversample=adapter.svd_oversample, niter=adapter.svd_niter)
-    return cost / seconds / 1e9
+    return measure_svd_gflops(adapter.rank, adapter.svd, oversample=adapter.svd_oversample, niter=adapter.svd_niter,
+                              size=size)
+
+
+def gather_traffic(frozen_bytes: int, nodes: int, gpus_per_node: int, micro_batches: int, passes: int) -> dict:
+    """Bytes of frozen weights each GPU receives per optimizer step under ZeRO-3.
+
+    Every pass over the model (forward, the recompute of activation checkpointing, backward)
+    all-gathers each frozen weight: a GPU receives ``(P-1)/P`` of the weights per pass, of
+    which ``(P-G)/P`` come from other nodes (``P`` ranks, ``G`` per node). With ZeRO++ hpZ
+    (``deepspeed.hpz_partition_size = G``) the passes gather from a node-local copy: nothing
+    crosses nodes for the frozen weights, at the price of a ``1/G`` share of them per GPU.
+
+    Returns:
+        ``flat`` and ``hpz``, each with ``total`` and ``inter_node`` bytes per GPU per step,
+        and ``hpz_extra_bytes_per_gpu``.
+    """
+    world = nodes * gpus_per_node
+    per_pass = frozen_bytes * (world - 1) / world
+    count = passes * micro_batches
+    flat = {"total": count * per_pass, "inter_node": count * frozen_bytes * (world - gpus_per_node) / world}
+    hpz = {"total": count * frozen_bytes * (gpus_per_node - 1) / gpus_per_node, "inter_node": 0.0}
+    return {"flat": flat, "hpz": hpz, "passes_per_micro_batch": passes, "micro_batches": micro_batches,
+            "hpz_extra_bytes_per_gpu": frozen_bytes / gpus_per_node if nodes > 1 else 0.0}
 
 
 # --------------------------------------------------------------------------- the plan
@@ -325,6 +335,7 @@ class Plan:
     gpu_memory_bytes: int
     init: dict
     all_trainable: dict
+    traffic: dict
 
     @property
     def world_size(self) -> int:
@@ -337,7 +348,7 @@ class Plan:
     def to_dict(self) -> dict:
         keys = ("model", "facts_file", "nodes", "gpus_per_node", "world_size", "base_params", "total_params",
                 "trainable_params", "trainable_closed_form", "targets", "largest_module_params", "zero_stage",
-                "gpu_memory_bytes", "fits", "init", "all_trainable")
+                "gpu_memory_bytes", "fits", "init", "all_trainable", "traffic")
         d = {k: getattr(self, k) for k in keys}
         d["memory"] = self.memory.to_dict()
         return d
@@ -398,7 +409,7 @@ def plan_run(cfg: RunConfig, nodes: int, gpus_per_node: int, *, gpu_memory_gb: f
         model.requires_grad_(True)
     total, trainable = count_parameters(model)
     largest, largest_trainable = largest_module(model)
-    b = DTYPE_BYTES[cfg.model.dtype]
+    b = DTYPES[cfg.model.dtype]
     ds = cfg.deepspeed
 
     states = zero_model_states(total, trainable, largest, largest_trainable, world, b, ds.zero_stage)
@@ -425,6 +436,10 @@ def plan_run(cfg: RunConfig, nodes: int, gpus_per_node: int, *, gpu_memory_gb: f
         "bytes_residual": sum(b * o * i for o, i in shapes.values()),
     }
 
+    layout = batch_layout(cfg.train, world)
+    traffic = gather_traffic(b * base_params, nodes, gpus_per_node, layout.grad_accum,
+                             3 if cfg.train.gradient_checkpointing else 2)
+
     # DeepSpeed's estimator assumes every parameter is trained; put ours in that mode too.
     all_states = zero_model_states(total, total, largest, largest, world, b, stage=3)
     comparison = {"ours_model_states": sum(all_states.values())}
@@ -436,7 +451,7 @@ def plan_run(cfg: RunConfig, nodes: int, gpus_per_node: int, *, gpu_memory_gb: f
         base_params=base_params, total_params=total, trainable_params=trainable,
         trainable_closed_form=trainable_closed_form(shapes, rank), targets=len(shapes),
         largest_module_params=largest, zero_stage=ds.zero_stage, memory=memory,
-        gpu_memory_bytes=int(gpu_memory_gb * GIB), init=init_dict, all_trainable=comparison)
+        gpu_memory_bytes=int(gpu_memory_gb * GIB), init=init_dict, all_trainable=comparison, traffic=traffic)
 
 
 def format_plan(plan: Plan) -> str:
@@ -464,8 +479,13 @@ def format_plan(plan: Plan) -> str:
     if "deepspeed_model_states" in cmp:
         line += f", DeepSpeed's estimator {cmp['deepspeed_model_states'] / GIB:.2f} GiB (ratio {cmp['ratio']:.3f})"
     secs = init["seconds_per_rank"]
+    t = plan.traffic
     lines += [
         line,
+        f"frozen-weight gathers per GPU per step ({t['micro_batches']} micro-batches x {t['passes_per_micro_batch']} "
+        f"passes): {t['flat']['total'] / 1e9:.1f} GB, {t['flat']['inter_node'] / 1e9:.1f} GB across nodes; with "
+        f"hpz_partition_size={plan.gpus_per_node}: {t['hpz']['total'] / 1e9:.1f} GB, 0 across nodes"
+        + (f", +{t['hpz_extra_bytes_per_gpu'] / GIB:.2f} GiB per GPU" if plan.nodes > 1 else " (one node: no gain)"),
         f"init plan ({init['svd']} SVD, {init['svd_gflops']:.1f} Gflop/s {init['svd_gflops_source']}):",
         f"  layers per rank min/max {min(init['layers_per_rank'])}/{max(init['layers_per_rank'])}; "
         f"SVD seconds per rank min/max {min(secs):.1f}/{max(secs):.1f}",
