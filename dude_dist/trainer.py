@@ -392,12 +392,9 @@ class Trainer:
             f"{result.problem}: {len(streak)} steps in a row skipped (steps {streak[0]}-{streak[-1]}), "
             f"train.max_nonfinite_steps={limit}; stopping. {kept} holds the parameters from before step {streak[0]}")
 
-    def _train(self) -> dict:
-        summary: dict = {"init": self.init_stats.to_dict(), "start_step": self.start_step,
-                         "startup_seconds": self.startup_seconds}
-        self._evaluate_at_start(summary)
-        bar = tqdm(total=self.total_steps, initial=self.start_step, disable=self.rank != 0, desc="train",
-                   dynamic_ncols=True)
+    def _run_steps(self, bar) -> tuple[int, bool, list[float]]:
+        """Optimizer steps until the end or a stop; returns the last step, whether it stopped
+        early, and the losses."""
         losses: list[float] = []
         step, stopped, streak = self.start_step, False, []
         self._last_saved = self.start_step
@@ -423,7 +420,16 @@ class Trainer:
             if stopped:
                 logger.warning("stopped at step %d (%s); resume with --resume auto", step,
                                self.stops.reason or "another rank was asked to stop")
-        bar.close()
+        return step, stopped, losses
+
+    def _train(self) -> dict:
+        summary: dict = {"init": self.init_stats.to_dict(), "start_step": self.start_step,
+                         "startup_seconds": self.startup_seconds}
+        self._evaluate_at_start(summary)
+        # A context, so the bar is closed before any error line is printed.
+        with tqdm(total=self.total_steps, initial=self.start_step, disable=self.rank != 0, desc="train",
+                  dynamic_ncols=True) as bar:
+            step, stopped, losses = self._run_steps(bar)
         if not stopped:
             self._evaluate_at_end(step, summary)
         summary.update({"end_step": step, "stopped": stopped, "losses": losses,
