@@ -56,6 +56,12 @@ PARTIAL = ".partial"
 META = "meta.json"
 MANIFEST = "manifest.json"
 LATEST = "latest"
+# The portable state (any world size, no pickle): full fp32 masters and Adam moments, every
+# rank's RNG, and the scalars (optimizer step count, LR schedule, DeepSpeed's counters).
+TRAINABLE_FILE = "trainable.safetensors"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "state.json"
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin")
 
 # Keys whose change makes a checkpoint meaningless for this run (checked on resume, export
 # and evaluation; recorded in every checkpoint's meta.json as its "fingerprint").
@@ -99,8 +105,13 @@ def step_tag(step: int) -> str:
 
 
 def save_checkpoint(engine, root: str | Path, step: int, meta: dict, rank: int, keep_last: int,
-                    write_extra=None, fail_after_files: bool = False) -> Path:
+                    write_extra=None, fail_after_files: bool = False, trainable: dict | None = None,
+                    deepspeed_files: bool = False) -> Path:
     """Save trainable parameters, optimizer, scheduler, RNG and ``meta`` (data position, config key).
+
+    With ``trainable`` (name -> parameter) the state is written portably
+    (:func:`write_portable_state`): safetensors and JSON only, loadable on any world size;
+    DeepSpeed's own (pickled, world-size bound) files are added only with ``deepspeed_files``.
 
     ``write_extra(directory)`` is called on every rank before the checkpoint is committed
     (the trainer writes the DuDe tensors as safetensors there). Every rank must call this.
@@ -120,10 +131,13 @@ def save_checkpoint(engine, root: str | Path, step: int, meta: dict, rank: int, 
         if rank == 0:
             if partial.exists():
                 shutil.rmtree(partial)
-            root.mkdir(parents=True, exist_ok=True)
+            partial.mkdir(parents=True)
         _barrier()
-        engine.save_checkpoint(str(root), tag=tag + PARTIAL, save_latest=False, exclude_frozen_parameters=True)
-        torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
+        if trainable is not None:
+            write_portable_state(engine, partial, trainable, rank)
+        if trainable is None or deepspeed_files:
+            engine.save_checkpoint(str(root), tag=tag + PARTIAL, save_latest=False, exclude_frozen_parameters=True)
+            torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
         if write_extra is not None:
             write_extra(partial)
     except (OSError, RuntimeError) as exc:  # torch reports a failed zip write as RuntimeError
@@ -432,7 +446,18 @@ def verify_checkpoint(ckpt: str | Path, *, checksums: bool = True) -> dict:
             problem = f"cannot be read ({exc})"
         if problem:
             raise CheckpointError(f"checkpoint {ckpt} is damaged: {path.name}: {problem}")
-    verify_checkpoint_files(ckpt)
+    if is_portable(ckpt):
+        pickles = sorted(p.name for p in ckpt.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles and not meta.get("deepspeed_files"):
+            raise CheckpointError(
+                f"refusing to load checkpoint {ckpt}: it holds the portable state, which is safetensors and JSON "
+                f"only, but also {', '.join(pickles)} (a pickle can run code; nothing was read)")
+        if not pickles:
+            missing = [name for name in (RNG_FILE, STATE_FILE) if not (ckpt / name).is_file()]
+            if missing:
+                raise CheckpointError(f"checkpoint {ckpt} is damaged: {', '.join(missing)} missing")
+    else:
+        verify_checkpoint_files(ckpt)
     if manifest is not None and checksums:
         for name, entry in manifest.items():
             try:
@@ -516,10 +541,29 @@ def check_compatible(ckpt: Path, meta: dict, cfg: Any, world_size: int, force: b
         raise TrainingError(f"refusing to resume from {ckpt}: {'; '.join(differ)} "
                             "(pass --force-resume to override)")
     saved_world = meta.get("world_size")
-    if isinstance(saved_world, int) and saved_world != world_size:
+    from dude_dist.config import batch_layout
+
+    layout = batch_layout(cfg.train, world_size)
+    saved_global = (meta.get("layout") or {}).get("global_batch_size")
+    if saved_global is not None and saved_global != layout.global_batch_size and not force:
+        raise ConfigError(
+            f"checkpoint {ckpt} was trained with a global batch of {saved_global} samples, this run has "
+            f"{layout.global_batch_size}: the data order and the loss per step depend on it; set "
+            f"train.global_batch_size={saved_global} (micro-batches, accumulation and ranks may change)")
+    if is_portable(ckpt) and isinstance(saved_world, int):
+        if saved_world != world_size:
+            old_layout = meta.get("layout") or {}
+            micro, accum = layout.micro_batch_size, layout.grad_accum
+            before = (f"micro {old_layout['micro_batch_size']} x accum {old_layout['grad_accum']} x {saved_world} ranks"
+                      if {"micro_batch_size", "grad_accum"} <= old_layout.keys() else f"{saved_world} ranks")
+            logger.warning("resuming %s on another world size: written as %s, now micro %d x accum %d x %d ranks "
+                           "(global batch %d either way, so the same steps)", ckpt.name, before, micro, accum,
+                           world_size, layout.global_batch_size)
+    elif isinstance(saved_world, int) and saved_world != world_size:
         raise CheckpointError(
-            f"checkpoint {ckpt} was written by {saved_world} rank(s) but this run has {world_size}: its ZeRO "
-            f"optimizer state is split {saved_world} ways and cannot be resumed on another world size yet; resume "
+            f"checkpoint {ckpt} was written by {saved_world} rank(s) but this run has {world_size}: it holds only "
+            f"DeepSpeed's optimizer files (an older dude_dist), split {saved_world} ways, which cannot be resumed on "
+            f"another world size; resume "
             f"with {saved_world} rank(s) (the same world size works), or start over with --resume none")
     step, max_steps = int(meta["step"]), cfg.train.max_steps
     if max_steps and step >= max_steps:
@@ -593,8 +637,99 @@ def _on_rank0(fn):
     raise kinds.get(box[1], CheckpointError)(box[2])
 
 
-def load_checkpoint(engine, ckpt: str | Path, rank: int) -> dict:
+def write_portable_state(engine, directory: Path, trainable: dict, rank: int) -> None:
+    """Write the trainable state so that any number of ranks can resume it (collective).
+
+    ``trainable.safetensors``: per DuDe parameter its full fp32 master and Adam moments,
+    assembled from the ZeRO partitions one parameter at a time on rank 0;
+    ``rng.safetensors``: every rank's torch (and CUDA) generator state; ``state.json``: the
+    Adam step count, the LR schedule, DeepSpeed's step counters and every rank's Python RNG.
+    Nothing is pickled.
+    """
+    from safetensors.torch import save_file
+
+    from dude_dist.zero import adam_step_count, gather_trainable_state
+
+    tensors = gather_trainable_state(engine, trainable, keep=rank == 0)
+    mine = {"torch": torch.get_rng_state().tolist(), "python": _json_rng(random.getstate()),
+            "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None}
+    every = comm.all_gather_object(mine)
+    if rank != 0:
+        return
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / TRAINABLE_FILE))
+    rng = {}
+    for r, state in enumerate(every):
+        rng[f"rank{r}.torch"] = torch.tensor(state["torch"], dtype=torch.uint8)
+        if state["cuda"] is not None:
+            rng[f"rank{r}.cuda"] = torch.tensor(state["cuda"], dtype=torch.uint8)
+    save_file(rng, str(directory / RNG_FILE))
+    scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
+    state = {"adam_step": adam_step_count(engine), "scheduler": scheduler, "world_size": len(every),
+             "global_steps": engine.global_steps, "global_samples": engine.global_samples,
+             "skipped_steps": engine.skipped_steps, "python_rng": [s["python"] for s in every]}
+    write_text_atomic(directory / STATE_FILE, json.dumps(state, indent=1))
+
+
+def _json_rng(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def is_portable(ckpt: str | Path) -> bool:
+    """Whether ``ckpt`` holds the portable state (resumable on any world size, pickle-free)."""
+    return (Path(ckpt) / TRAINABLE_FILE).is_file()
+
+
+def load_portable_state(engine, ckpt: Path, trainable: dict, rank: int) -> dict:
+    """Restore what :func:`write_portable_state` wrote into this run's partitions (any world
+    size) without unpickling anything; return ``state.json``. Every rank calls this.
+
+    RNG: rank ``r`` takes the generator state of rank ``r`` of the writing run, or of rank
+    ``r mod P`` when that run had fewer ranks.
+
+    Raises:
+        CheckpointError: a DuDe parameter of this model is missing or has another shape.
+    """
+    from safetensors.torch import load_file
+
+    from dude_dist.zero import load_trainable_state
+
+    tensors = load_file(str(ckpt / TRAINABLE_FILE))
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    for name, param in trainable.items():
+        shape = tuple(getattr(param, "ds_shape", param.shape))
+        if name not in tensors:
+            raise CheckpointError(f"checkpoint {ckpt}: {TRAINABLE_FILE} has no {name!r} (another adapter layout?)")
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(f"checkpoint {ckpt}: {name} has shape {tuple(tensors[name].shape)} there and "
+                                  f"{shape} in this model")
+    load_trainable_state(engine, trainable, tensors, int(state["adam_step"]))
+    scheduler = engine.lr_scheduler
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+        # A schedule's state does not reach its optimizer: the next update must use the rate
+        # the uninterrupted run would have.
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+    engine.global_steps = int(state["global_steps"])
+    engine.global_samples = int(state["global_samples"])
+    engine.skipped_steps = int(state["skipped_steps"])
+    rng = load_file(str(ckpt / RNG_FILE))
+    source = rank % int(state["world_size"])
+    torch.set_rng_state(rng[f"rank{source}.torch"])
+    if torch.cuda.is_available() and f"rank{source}.cuda" in rng:
+        torch.cuda.set_rng_state(rng[f"rank{source}.cuda"])
+    version, internal, gauss = state["python_rng"][source]
+    random.setstate((version, tuple(internal), gauss))
+    return state
+
+
+def load_checkpoint(engine, ckpt: str | Path, rank: int, trainable: dict | None = None) -> dict:
     """Restore trainable state, optimizer, scheduler and this rank's RNG; return the meta dict.
+
+    A portable checkpoint is read from its safetensors and JSON (:func:`load_portable_state`,
+    any world size, nothing unpickled); an older one through DeepSpeed's files, after each
+    has passed the restricted unpickler.
 
     Raises:
         CheckpointError: a ``*.pt`` file fails :func:`verify_checkpoint_files`, or DeepSpeed
@@ -602,6 +737,9 @@ def load_checkpoint(engine, ckpt: str | Path, rank: int) -> dict:
     """
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
+    if is_portable(ckpt) and trainable is not None:
+        load_portable_state(engine, ckpt, trainable, rank)
+        return meta
     verify_checkpoint_files(ckpt)
     load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=False,
                                           load_optimizer_states=True, load_lr_scheduler_states=True)

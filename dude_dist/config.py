@@ -28,6 +28,8 @@ from dude_dist.svd_init import SVD_METHODS, VARIANTS
 DTYPES = {"bfloat16": 2, "float16": 2, "float32": 4}
 FORMATS = ("gsm8k", "metamathqa", "commonsense", "alpaca", "chat")
 GSM8K_PROMPT_FORMATS = ("gsm8k", "metamathqa", "commonsense", "alpaca")
+# Attention kernels a run may ask for; each sees packed samples' boundaries (dude_dist/data.py).
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 
 
 
@@ -98,8 +100,11 @@ class ModelConfig:
             (``$DUDE_DIST_CACHE``, default ``~/.cache/dude_dist``) and load that.
         dtype: parameter dtype: ``bfloat16``, ``float16`` or ``float32``.
         trust_remote_code: passed to ``from_pretrained``; off unless set here.
-        attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; None lets
-            transformers choose.
+        attn_implementation: ``sdpa`` (PyTorch's fused attention; packed rows get a
+            block-diagonal causal mask), ``flash_attention_2`` (needs the ``flash_attn``
+            package and a CUDA GPU; packed rows run as variable-length sequences, the
+            fastest choice with ``data.packing``) or ``eager``. Checked against what is
+            installed when the model loads (:func:`attn_implementation_problem`).
     """
 
     name_or_path: str = ""
@@ -108,11 +113,34 @@ class ModelConfig:
     gguf_cache: bool = True
     dtype: str = "bfloat16"
     trust_remote_code: bool = False
-    attn_implementation: str | None = None
+    attn_implementation: str = "sdpa"
 
     def __post_init__(self) -> None:
         _check(bool(self.name_or_path), "model.name_or_path", "is required (a local folder or a hub id)")
         _check_choice(self.dtype, tuple(DTYPES), "model.dtype")
+        _check_choice(self.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
+
+
+def attn_implementation_problem(name: str, cuda: bool | None = None) -> str | None:
+    """Why ``model.attn_implementation = name`` cannot run here, or None if it can.
+
+    Args:
+        name: one of :data:`ATTN_IMPLEMENTATIONS`.
+        cuda: whether a CUDA device is used (None: ``torch.cuda.is_available()``).
+    """
+    if name != "flash_attention_2":
+        return None
+    import torch
+    from transformers.utils import is_flash_attn_2_available
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda:
+        return ("model.attn_implementation: 'flash_attention_2' needs a CUDA GPU; use 'sdpa' (packed rows then "
+                "get a block-diagonal mask) or 'eager' on this machine")
+    if not is_flash_attn_2_available():
+        return ("model.attn_implementation: 'flash_attention_2' needs the flash_attn package (pip install "
+                "flash-attn --no-build-isolation, built for this torch and CUDA); or use 'sdpa'")
+    return None
 
 
 @dataclass(frozen=True)
@@ -125,7 +153,14 @@ class DataConfig:
         split: split to read from a hub id or folder.
         format: prompt template: ``gsm8k``, ``metamathqa``, ``commonsense``, ``alpaca``, ``chat``.
         max_seq_len: samples are truncated to this many tokens (a count is reported).
-        packing: concatenate samples into full ``max_seq_len`` rows.
+        packing: bin-pack whole samples into rows of up to ``max_seq_len`` tokens, each
+            sample attending only to itself (same loss and gradients as padding them);
+            ``train.micro_batch_size`` and ``train.global_batch_size`` then count rows.
+            For short samples (GSM8K, MetaMathQA, commonsense: 100-400 tokens) at a long
+            ``max_seq_len``, where a padded batch is mostly padding.
+        group_by_length: without packing, put samples of similar length in the same
+            micro-batches (sorted within a seeded window of global batches), so little
+            of a padded batch is padding.
         limit: use at most this many training samples (0 = all).
         eval_sources: held-out data for ``eval/loss`` (same format); empty = none.
         eval_split: split of ``eval_sources``.
@@ -137,6 +172,7 @@ class DataConfig:
     format: str = "gsm8k"
     max_seq_len: int = 512
     packing: bool = False
+    group_by_length: bool = False
     limit: int = 0
     eval_sources: tuple[str, ...] = ()
     eval_split: str = "test"
@@ -178,6 +214,10 @@ class TrainConfig:
         eval_every: steps between ``eval/loss`` (0 = only at the end).
         seed: data order and RNG seed.
         max_nonfinite_steps: consecutive non-finite steps (skipped) before the run stops.
+        peak_tflops: the device's dense bf16 peak in TFLOP/s for ``train/mfu``; 0 = look
+            the GPU up in :data:`dude_dist.throughput.PEAK_TFLOPS` (no MFU on CPU).
+        deepspeed_checkpoint: also write DeepSpeed's own checkpoint files (pickled, bound to
+            the world size that wrote them) beside the portable state; off by default.
     """
 
     micro_batch_size: int = 1
@@ -197,12 +237,15 @@ class TrainConfig:
     eval_every: int = 0
     seed: int = 42
     max_nonfinite_steps: int = 3
+    peak_tflops: float = 0.0
+    deepspeed_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
         for key in ("micro_batch_size", "grad_accum", "log_every", "keep_last", "max_nonfinite_steps"):
             _check(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
-        for key in ("global_batch_size", "max_steps", "save_every", "eval_every", "max_grad_norm", "weight_decay"):
+        for key in ("global_batch_size", "max_steps", "save_every", "eval_every", "max_grad_norm", "weight_decay",
+                    "peak_tflops"):
             _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")

@@ -42,6 +42,18 @@ logger = logging.getLogger(__name__)
 DUDE_PARAMS_FILE = "dude_params.safetensors"
 
 
+ADAPTER_FILE = "adapter.json"
+
+
+def adapter_description(cfg: RunConfig) -> dict:
+    """What the DuDe tensors of a checkpoint are: the base model and the adapter settings."""
+    a = cfg.adapter
+    return {"model": cfg.model.name_or_path, "revision": cfg.model.revision, "gguf_file": cfg.model.gguf_file,
+            "dtype": cfg.model.dtype, "targets": list(a.targets), "rank": a.rank, "variant": a.variant,
+            "svd": a.svd, "seed": a.seed, "norm_grad": a.norm_grad,
+            "files": {"tensors": DUDE_PARAMS_FILE, "factor_cache": "../../dude_init"}}
+
+
 def save_dude_params(model: nn.Module, path: Path, rank: int) -> None:
     """Gather the (small) DuDe tensors and write them, as safetensors, from rank 0. Collective."""
     from safetensors.torch import save_file
@@ -343,4 +355,93 @@ def export_merged(model: nn.Module, tokenizer, out_dir: str | Path, rank: int,
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
     comm.barrier()
+    return out_dir
+
+
+def _initial_factors(cfg: RunConfig, checkpoint: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """``A0, B0`` of every DuDe layer: from the run's factor cache when it was made with these
+    settings, else factorised again from the base weights in this process (seeded: the same
+    values)."""
+    from safetensors.torch import load_file
+
+    from dude_dist.run_dir import RunDir
+    from dude_dist.sharded_init import CACHE_FILE
+    from dude_dist.svd_init import factorize
+
+    cache = RunDir(checkpoint.parent.parent).factor_cache
+    want = cache_key(cfg.adapter, cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype, [])
+    if (cache / CACHE_KEY_FILE).is_file() and (cache / CACHE_FILE).is_file():
+        stored = json.loads((cache / CACHE_KEY_FILE).read_text())
+        if all(stored.get(k) == v for k, v in want.items() if k != "layers_sha256"):
+            factors = load_file(str(cache / CACHE_FILE))
+            if all(f"{n}.lora_a" in factors for n in names):
+                return factors
+    logger.warning("no matching factor cache at %s: factorising the base weights again in this process", cache)
+    model = load_model(cfg.model)
+    out = {}
+    for name in names:
+        weight = model.get_submodule(name).weight
+        fac = factorize(weight, cfg.adapter.rank, variant=cfg.adapter.variant, method=cfg.adapter.svd, name=name,
+                        seed=cfg.adapter.seed, oversample=cfg.adapter.svd_oversample, niter=cfg.adapter.svd_niter)
+        out[f"{name}.lora_a"], out[f"{name}.lora_b"] = fac.lora_a, fac.lora_b
+    return out
+
+
+def export_peft(cfg: RunConfig, checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write a checkpoint as a standard PEFT DoRA adapter on the *original* base weights.
+
+    DuDe is exactly DoRA of rank ``2r``: ``W0 + [B, B0] [A; -A0] = W_f + B A`` (the residual is
+    ``W_f = W0 - B0 A0``), with DuDe's magnitude ``m`` as DoRA's and scaling 1
+    (``lora_alpha = r = 2 * rank``). ``PeftModel.from_pretrained(base, out_dir)`` then gives the
+    trained model with no dude_dist installed; the folder holds ``4 r (in + out) + out``
+    numbers per adapted layer (``A0``, ``B0`` come from the run's factor cache). Needs no
+    process group: it reads the checkpoint's files only.
+
+    Raises:
+        CheckpointError: a damaged checkpoint or one without DuDe tensors.
+        ConfigError: ``out_dir`` cannot take the export, or the config conflicts with the
+            checkpoint's adapter settings.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from dude_dist.checkpoint import verify_checkpoint
+
+    checkpoint = Path(checkpoint)
+    out_dir = check_export_target(out_dir, overwrite)
+    params_file = checkpoint / DUDE_PARAMS_FILE
+    if not params_file.is_file():
+        raise CheckpointError(f"{checkpoint} has no {DUDE_PARAMS_FILE}; is it a dude_dist checkpoint?")
+    meta = verify_checkpoint(checkpoint)
+    cfg = config_for_checkpoint(cfg, checkpoint, meta)
+    trained = load_file(str(params_file))
+    names = sorted({key.rsplit(".", 1)[0] for key in trained})
+    initial = _initial_factors(cfg, checkpoint, names)
+    tensors = {}
+    for name in names:
+        a, b, m = (trained[f"{name}.{p}"].float() for p in ("lora_a", "lora_b", "magnitude"))
+        a0, b0 = initial[f"{name}.lora_a"].float(), initial[f"{name}.lora_b"].float()
+        prefix = f"base_model.model.{name}"
+        tensors[f"{prefix}.lora_A.weight"] = torch.cat([a, -a0]).contiguous()  # [2r, in]
+        tensors[f"{prefix}.lora_B.weight"] = torch.cat([b, b0], dim=1).contiguous()  # [out, 2r]
+        tensors[f"{prefix}.lora_magnitude_vector"] = m.contiguous()
+    rank = 2 * cfg.adapter.rank
+    plain = not any(t.startswith("re:") for t in cfg.adapter.targets)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": cfg.model.name_or_path,
+              "revision": cfg.model.revision, "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "use_dora": True,
+              "use_rslora": False, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+              "target_modules": list(cfg.adapter.targets) if plain else names, "modules_to_save": None,
+              "inference_mode": True}
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1))
+        _normal_permissions(tmp)
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("PEFT DoRA adapter (r=%d = 2 x %d, %d layers, %.1f MB) written to %s", rank, cfg.adapter.rank,
+                len(names), sum(t.numel() * 4 for t in tensors.values()) / 1e6, out_dir)
     return out_dir

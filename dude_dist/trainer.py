@@ -30,6 +30,7 @@ What the loop does when something goes wrong:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -43,19 +44,21 @@ from transformers import get_cosine_schedule_with_warmup
 
 from dude_dist import checkpoint as ckpt_lib
 from dude_dist import comm
+from dude_dist.adapters import get_dude_layers
 from dude_dist.config import RunConfig, batch_layout, config_to_dict
 from dude_dist.data import build_datasets, collate_batch
 from dude_dist.distributed import DistEnv, init_distributed, on_each_node_first, set_step_timeout
 from dude_dist.errors import DudeError, TrainingError
 from dude_dist.evaluate import TrainingEvaluator
-from dude_dist.export import DUDE_PARAMS_FILE, save_dude_params
+from dude_dist.export import ADAPTER_FILE, DUDE_PARAMS_FILE, adapter_description, save_dude_params
 from dude_dist.failures import Faults, StopRequests, is_comm_failure, lost_peer_error
 from dude_dist.layer_grads import LayerGradNorms
-from dude_dist.loss import IGNORE_INDEX, LossInputs, accepts_logits_to_keep, loss_inputs, summed_loss
+from dude_dist.loss import LossInputs, accepts_logits_to_keep, loss_inputs, summed_loss
 from dude_dist.models import load_model, load_tokenizer, prefetch_model
 from dude_dist.run_dir import RUN_OUTPUTS, RunDir  # noqa: F401  (RUN_OUTPUTS: what a fresh start moves)
 from dude_dist.sampler import StepSampler
 from dude_dist.sharded_init import Comm, cache_key, inject_and_init
+from dude_dist.throughput import FlopModel, peak_tflops, throughput_scalars
 from dude_dist.tracking import Tracker, peak_memory_bytes
 from dude_dist.zero import (
     build_ds_config,
@@ -114,9 +117,11 @@ class Trainer:
             self.run_dir.archive_previous()
         comm.barrier()
         self.engine = self._setup_engine()
+        self.trainable = {f"{name}.{p}": getattr(layer, p) for name, layer in get_dude_layers(self.engine.module).items()
+                          for p in layer.adapter_params()}
         self.tracker = Tracker(self.run_dir, self.rank, resume_step=self.start_step if self.resume_from else None)
         if self.resume_from is not None:
-            ckpt_lib.load_checkpoint(self.engine, self.resume_from, self.rank)
+            ckpt_lib.load_checkpoint(self.engine, self.resume_from, self.rank, trainable=self.trainable)
             logger.info("resumed from %s at step %d", self.resume_from, self.start_step)
         else:
             self.tracker.log(0, self.init_scalars)
@@ -154,16 +159,17 @@ class Trainer:
         with on_each_node_first(self.env):
             prefetch_model(cfg.model)
             self.tokenizer = load_tokenizer(cfg.model)
-            data = build_datasets(cfg.data, self.tokenizer)
+            data = build_datasets(cfg.data, self.tokenizer, seed=cfg.train.seed)
         self.train_set, self.eval_set = data.train, data.eval
-        self.sampler = StepSampler(len(self.train_set), self.layout, cfg.train.seed)
+        self.counts = data.counts  # tokens and targets of every row, for the host-side step counts
+        self.sampler = StepSampler(len(self.train_set), self.layout, cfg.train.seed,
+                                   lengths=data.counts.tokens if cfg.data.group_by_length else None)
         self.total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * self.sampler.steps_per_epoch))
         if self.start_step >= self.total_steps:
             raise TrainingError(
                 f"nothing to do: checkpoint {self.resume_from} is at step {self.start_step} and the run ends at step "
                 f"{self.total_steps} (train.max_steps / train.epochs); raise train.max_steps to train on, or start "
                 "over with --resume none")
-        self._targets: dict[int, int] = {}
         logger.info("data: %d training samples, %d steps of %d (micro %d x accum %d x %d ranks)",
                     len(self.train_set), self.total_steps, self.layout.global_batch_size,
                     self.layout.micro_batch_size, self.layout.grad_accum, self.world)
@@ -207,22 +213,45 @@ class Trainer:
 
     def batches(self, step: int) -> list[LossInputs]:
         """This rank's micro-batches for optimizer step ``step`` (0-based), counted on the host
-        and then moved to the device."""
+        and then moved to the device. Packed rows carry per-sample ``position_ids`` (and, for
+        flash attention, the cumulative sequence lengths)."""
         pad = self.tokenizer.pad_token_id
-        return [loss_inputs(collate_batch([self.train_set[i] for i in indices], pad), self.device, self._keep_logits)
+        varlen = self.cfg.model.attn_implementation.startswith("flash")
+        return [loss_inputs(collate_batch([self.train_set[i] for i in indices], pad), self.device, self._keep_logits,
+                            varlen=varlen)
                 for indices in self.sampler.micro_batches(step, self.rank)]
 
     def global_counts(self, step: int) -> tuple[int, int]:
         """Labelled targets and real tokens of the whole global batch of ``step``, from the
-        samples themselves (every rank has the data): no collective, no device sync."""
-        targets = tokens = 0
-        for i in self.sampler.global_batch(step):
-            if i not in self._targets:
-                labels = self.train_set[i]["labels"]
-                self._targets[i] = sum(1 for label in list(labels)[1:] if int(label) != IGNORE_INDEX)
-            targets += self._targets[i]
-            tokens += len(self.train_set[i]["input_ids"])
-        return targets, tokens
+        rows' host-side counts (every rank has the data): no collective, no device sync. A
+        packed row counts the targets of its samples, so the loss is the same token mean as
+        over the same samples padded."""
+        rows = self.sampler.global_batch(step)
+        return int(self.counts.targets[rows].sum()), int(self.counts.tokens[rows].sum())
+
+    @functools.cached_property
+    def flop_model(self) -> FlopModel:
+        """FLOPs per token, sample and pass of this model and adapter (:mod:`dude_dist.throughput`)."""
+        return FlopModel.from_model(self.engine.module, self.cfg.train.gradient_checkpointing)
+
+    @functools.cached_property
+    def peak_tflops(self) -> float | None:
+        """One device's bf16 peak for ``train/mfu``: ``train.peak_tflops`` or the GPU's table entry."""
+        if self.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        peak = peak_tflops(name, self.cfg.train.peak_tflops)
+        if peak is None:
+            logger.warning("no bf16 peak known for %r: set train.peak_tflops to log train/mfu", name)
+        return peak
+
+    def step_throughput(self, step: int, seconds: float) -> dict[str, float]:
+        """Real tokens/s, padding ratio, model TFLOP/s per device and MFU of step ``step``
+        (0-based), from the host-side counts of every rank's micro-batches."""
+        micro = [m for rank in range(self.world) for m in self.sampler.micro_batches(step, rank)]
+        tokens, slots, square = self.counts.shape(micro)
+        flops = self.flop_model.step_flops(tokens, square, len(micro))
+        return throughput_scalars(flops, tokens, slots, seconds, self.world, self.peak_tflops)
 
     def forward_backward(self, step: int, micro_batches: list[LossInputs]
                          ) -> tuple[float, int, int, list[int], bool, float]:
@@ -310,13 +339,24 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def save(self, step: int) -> None:
-        meta = {"fingerprint": ckpt_lib.fingerprint(self.cfg), "samples_seen": step * self.layout.global_batch_size,
-                "config": config_to_dict(self.cfg), "world_size": self.world}
+        layout = self.layout
+        meta = {"fingerprint": ckpt_lib.fingerprint(self.cfg), "samples_seen": step * layout.global_batch_size,
+                "config": config_to_dict(self.cfg), "world_size": self.world,
+                "deepspeed_files": self.cfg.train.deepspeed_checkpoint,
+                "layout": {"micro_batch_size": layout.micro_batch_size, "grad_accum": layout.grad_accum,
+                           "global_batch_size": layout.global_batch_size}}
         ckpt_lib.save_checkpoint(
             self.engine, self.run_dir.checkpoints, step, meta, self.rank, self.cfg.train.keep_last,
-            write_extra=lambda d: save_dude_params(self.engine.module, d / DUDE_PARAMS_FILE, self.rank),
-            fail_after_files=self.faults.ckpt_crash_step == step)
+            write_extra=self._write_adapter, fail_after_files=self.faults.ckpt_crash_step == step,
+            trainable=self.trainable, deepspeed_files=self.cfg.train.deepspeed_checkpoint)
         self._last_saved = step
+
+    def _write_adapter(self, directory) -> None:
+        """The DuDe tensors as the model holds them, and what they are: enough for evaluation and
+        export on any world size."""
+        save_dude_params(self.engine.module, directory / DUDE_PARAMS_FILE, self.rank)
+        if self.rank == 0:
+            ckpt_lib.write_text_atomic(directory / ADAPTER_FILE, json.dumps(adapter_description(self.cfg), indent=1))
 
     def _should_save(self, step: int, stopping: bool) -> bool:
         every = self.cfg.train.save_every
@@ -369,13 +409,14 @@ class Trainer:
             self.tracker.log(step, summary["eval_end"])
 
     def _log_step(self, step: int, result: StepResult, bar) -> None:
-        tok_s = result.tokens / max(result.step_time, 1e-9)
+        speed = self.step_throughput(step - 1, result.step_time)
         bar.update(1)
-        bar.set_postfix(loss=f"{result.loss:.4f}", gnorm=f"{result.grad_norm:.3f}", tok_s=f"{tok_s:.0f}")
+        bar.set_postfix(loss=f"{result.loss:.4f}", gnorm=f"{result.grad_norm:.3f}",
+                        tok_s=f"{speed['train/tokens_per_s']:.0f}")
         if step % self.cfg.train.log_every == 0 or step == self.total_steps or result.skipped:
             self.tracker.log(step, {
                 "train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": result.lr,
-                "train/tokens_per_s": tok_s, "train/step_time_s": result.step_time,
+                **speed, "train/step_time_s": result.step_time,
                 "train/memory_bytes": peak_memory_bytes(), "train/skipped_steps": self.engine.skipped_steps,
             })
 

@@ -239,6 +239,122 @@ def keep_whole(engine, params: list[nn.Parameter]) -> int:
     return len(extra)
 
 
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _base_optimizer(engine):
+    """The torch optimizer under DeepSpeed's wrapper (ZeRO, bf16), or the engine's own."""
+    optimizer = engine.optimizer
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _sharded(param) -> bool:
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+
+
+def _full_value(engine, param, key: str | None) -> torch.Tensor | None:
+    """The full fp32 master (``key`` None) or Adam moment of ``param``, on every rank. Collective
+    under ZeRO (every rank calls it for the same parameter, in the same order)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    if _sharded(param):
+        return safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
+    if key is None:
+        return param.detach().float()
+    return _base_optimizer(engine).state.get(param, {}).get(key)
+
+
+def _optimizer_tensors(engine) -> list[torch.Tensor]:
+    """The tensors torch's optimizer steps: DeepSpeed's flat fp32 partitions (ZeRO-3 keeps
+    them out of ``param_groups`` between steps; ZeRO-1/2 and the bf16 optimizer name them
+    differently), or the parameters themselves without ZeRO."""
+    wrapper = engine.optimizer
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        flat = getattr(wrapper, attr, None)
+        if flat:
+            return list(flat)
+    return [p for group in _base_optimizer(engine).param_groups for p in group["params"]]
+
+
+def adam_step_count(engine) -> int:
+    """Optimizer steps Adam has applied (its bias correction); the same in every parameter group."""
+    steps = [float(state["step"]) for state in _base_optimizer(engine).state.values() if "step" in state]
+    return int(max(steps, default=0))
+
+
+def gather_trainable_state(engine, named: dict[str, nn.Parameter], keep: bool) -> dict[str, torch.Tensor]:
+    """Full fp32 masters and Adam moments of ``named`` as ``{name, name.exp_avg, name.exp_avg_sq}``.
+
+    Each tensor is assembled from the ZeRO partitions one parameter at a time (collective:
+    every rank calls this); only a rank with ``keep`` holds the result, in host memory (about
+    0.4 GB at 70B, r=16). A parameter that has not taken an optimizer step yet has zero moments.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, param in named.items():
+        master = _full_value(engine, param, None)
+        moments = {key: _full_value(engine, param, key) for key in ADAM_KEYS}
+        if keep:
+            shape = tuple(getattr(param, "ds_shape", param.shape))
+            out[name] = master.detach().float().reshape(shape).cpu()
+            for key, value in moments.items():
+                out[f"{name}.{key}"] = (torch.zeros(shape) if value is None
+                                        else value.detach().float().reshape(shape).cpu())
+    return out
+
+
+def _set_zero3_partition(param, full: torch.Tensor, key: str | None) -> None:
+    """This rank's slice of ``full`` into the fp32 master (``key`` None) or Adam moment
+    partition of a ZeRO-3 parameter. DeepSpeed's own full-tensor setter cannot fill the
+    padded tail of the last partition when the size does not divide by the world size."""
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    part = param.ds_tensor.numel()
+    start = param._z3_optimizer._get_param_partition_rank(param) * part
+    flat = full.detach().reshape(-1).float()
+    local = torch.zeros(part, dtype=torch.float32)
+    piece = flat[start : start + part]
+    local[: piece.numel()] = piece
+    if key is None:
+        safe_set_local_fp32_param(param, local)
+    else:
+        safe_set_local_optimizer_state(param, local, key)
+
+
+@torch.no_grad()
+def load_trainable_state(engine, named: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor],
+                         adam_step: int) -> None:
+    """Put full fp32 masters and Adam moments into this run's partitions, whatever world size
+    wrote them, and refresh the model's own (bf16) copies from the masters. Every rank calls
+    this with the same ``tensors``."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    base = _base_optimizer(engine)
+    for p in _optimizer_tensors(engine):  # torch's Adam creates its state lazily, at the first step
+        state = base.state[p]
+        state["step"] = torch.tensor(float(adam_step))
+        for key in ADAM_KEYS:
+            state.setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
+    for name, param in named.items():
+        master = tensors[name]
+        if hasattr(param, "ds_id"):
+            _set_zero3_partition(param, master, None)
+            for key in ADAM_KEYS:
+                _set_zero3_partition(param, tensors[f"{name}.{key}"], key)
+        elif _sharded(param):
+            safe_set_full_fp32_param(param, master)
+            for key in ADAM_KEYS:
+                safe_set_full_optimizer_state(param, tensors[f"{name}.{key}"], key)
+        else:
+            param.copy_(master)
+            for key in ADAM_KEYS:
+                base.state[param][key].copy_(tensors[f"{name}.{key}"])
+    params = list(named.values())
+    with gathered(params, modifier_rank=0):
+        for name, param in named.items():
+            if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):
+                param.data.copy_(tensors[name].reshape(param.shape).to(param.dtype))
+
+
 def initialize_engine(model: nn.Module, optimizer, scheduler, ds_config: dict):
     """``deepspeed.initialize`` with a torch optimizer (no CPU FusedAdam build)."""
     import deepspeed

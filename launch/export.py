@@ -2,6 +2,7 @@
 
     python launch/export.py --config configs/tiny_cpu.yaml --checkpoint auto --out exported/
     deepspeed --num_gpus 8 launch/export.py --config configs/llama70b.yaml --checkpoint auto --out DIR
+    python launch/export.py --config configs/llama70b.yaml --format peft --out adapter/   # PEFT DoRA, rank 2r
 
 --checkpoint auto takes the newest complete checkpoint under output_dir that passes
 verification (a damaged newer one is skipped with a warning). The model is rebuilt with
@@ -25,6 +26,9 @@ def main(argv=None) -> int:
     p = base_parser(__doc__)
     p.add_argument("--checkpoint", default="auto", help="checkpoint directory, or auto (newest under output_dir)")
     p.add_argument("--out", required=True, help="folder for the merged model (new or empty, or see --overwrite)")
+    p.add_argument("--format", choices=("merged", "peft"), default="merged",
+                   help="merged: a plain Hugging Face model with W' folded in (default); peft: a PEFT DoRA adapter "
+                        "of rank 2r on the original base model (small; no process group needed)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out: the new model is written beside it and swapped in when complete")
     args = p.parse_args(argv)
@@ -32,12 +36,21 @@ def main(argv=None) -> int:
     def body() -> None:
         from dude_dist.config import load_config
         from dude_dist.distributed import init_distributed
-        from dude_dist.export import check_export_target, export_merged, rebuild_model, resolve_checkpoint
+        from dude_dist.export import (
+            check_export_target,
+            export_merged,
+            export_peft,
+            rebuild_model,
+            resolve_checkpoint,
+        )
         from dude_dist.models import load_tokenizer
 
         cfg = load_config(args.config, args.overrides)
         check_export_target(args.out, args.overwrite)  # before any model is built
         ckpt = resolve_checkpoint(cfg, args.checkpoint)
+        if args.format == "peft":
+            export_peft(cfg, ckpt, args.out, overwrite=args.overwrite)
+            return
         env = init_distributed(cfg.deepspeed.backend, cfg.deepspeed.timeout_s)
         model = rebuild_model(cfg, ckpt, env.world_size, verified=True)
         export_merged(model, load_tokenizer(cfg.model), args.out, env.rank, overwrite=args.overwrite)

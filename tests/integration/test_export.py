@@ -81,3 +81,26 @@ def test_export_from_two_rank_zero3_run(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
     loss = eval_loss(merged, data.eval, tokenizer.pad_token_id, batch_size=4)["loss"]
     assert loss == pytest.approx(summary(out)["eval_loss_end"], rel=1e-4)
+
+    # The PEFT DoRA export (rank 2r on the original base weights) loads with PeftModel alone
+    # and gives the same logits as the merged export and the trained DuDe model.
+    adapter = tmp_path / "adapter"
+    run(launcher_cmd(1, "python") + ["launch/export.py", "--config", "configs/tiny_cpu.yaml", "--set",
+                                     f"output_dir={out}", "--format", "peft", "--out", str(adapter)], timeout=300)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["r"] == config["lora_alpha"] == 8
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    with torch.no_grad():
+        peft_logits = peft_model(input_ids=torch.tensor(ids)).logits
+    assert (peft_logits - plain).abs().max().item() <= 1e-4
+    assert (peft_logits - dude_logits).abs().max().item() <= 1e-4
+    # 4 r (in + out) + out numbers per layer, nothing else.
+    from safetensors.torch import load_file as load_tensors
+
+    stored = load_tensors(str(adapter / "adapter_model.safetensors"))
+    per_layer = {n: 4 * 4 * (layer.in_features + layer.out_features) + layer.out_features
+                 for n, layer in layers.items()}
+    assert sum(t.numel() for t in stored.values()) == sum(per_layer.values())

@@ -247,10 +247,19 @@ def test_max_steps_at_or_below_checkpoint_is_nothing_to_do(two_checkpoints, max_
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A finished 4-step run with checkpoints at steps 2 and 4."""
+    """A finished 4-step run with checkpoints at steps 2 and 4, holding DeepSpeed's own files
+    beside the portable state (both are checked before a resume)."""
     out = tmp_path_factory.mktemp("integrity") / "run"
-    train(out, "train.max_steps=4", "train.save_every=2", "train.keep_last=5", timeout=300)
+    train(out, "train.max_steps=4", "train.save_every=2", "train.keep_last=5", "train.deepspeed_checkpoint=true",
+          timeout=300)
     return out
+
+
+def legacy(ckpt: Path) -> None:
+    """Make ``ckpt`` what an older dude_dist wrote: DeepSpeed's files only, no portable state."""
+    for name in (ckpt_lib.TRAINABLE_FILE, ckpt_lib.RNG_FILE, ckpt_lib.STATE_FILE):
+        (ckpt / name).unlink()
+    ckpt_lib.write_manifest(ckpt)
 
 
 def one_error(proc: subprocess.CompletedProcess) -> str:
@@ -290,7 +299,7 @@ def test_train_refuses_other_world_size_and_finished_runs_before_the_model(train
 
     meta = json.loads((newest / "meta.json").read_text())
     (newest / "meta.json").write_text(json.dumps({**meta, "world_size": 2}))
-    ckpt_lib.write_manifest(newest)  # a consistent checkpoint, as a 2-rank run writes it
+    legacy(newest)  # DeepSpeed's optimizer files alone are bound to the world size that wrote them
     proc = train(out, "train.max_steps=8", resume="auto", check=False, timeout=180)
     line = one_error(proc)
     assert "written by 2 rank(s) but this run has 1" in line, line

@@ -239,15 +239,13 @@ def test_sigterm_checkpoints_at_step_boundary_and_resubmit_continues(reference, 
 
 
 def _optim_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Flattened fp32 master weights and Adam moments of a 1-rank ZeRO-3 checkpoint."""
-    from dude_dist.checkpoint import _deepspeed_safe_globals
+    """fp32 master weights and Adam moments of a checkpoint (its portable state), with Adam's step count."""
+    import json
 
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        sd = torch.load(ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=True)
-    osd = sd["optimizer_state_dict"]
-    out = {f"fp32.{i}": t for i, t in enumerate(osd["fp32_flat_groups"])}
-    for pid, state in osd["optimizer_state_dict"]["state"].items():
-        out.update({f"{pid}.{k}": torch.as_tensor(v) for k, v in state.items()})
+    from safetensors.torch import load_file
+
+    out = load_file(str(ckpt / "trainable.safetensors"))
+    out["adam_step"] = torch.tensor(json.loads((ckpt / "state.json").read_text())["adam_step"])
     return out
 
 

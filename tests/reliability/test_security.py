@@ -55,31 +55,58 @@ def _write_payload(path: Path, marker: Path, form: str) -> None:
 
 
 @pytest.mark.slow
-def test_weights_and_factor_caches_are_safetensors(trained):
-    from dude_dist.checkpoint import verify_checkpoint_files
-
+def test_a_run_writes_no_pickle(trained):
     init_files = sorted(p.name for p in (trained / "dude_init").iterdir())
     assert init_files == ["factors.safetensors", "key.json"], init_files
     ckpt = trained / "checkpoints" / "step_00000002"
-    assert (ckpt / "dude_params.safetensors").is_file()
+    assert (ckpt / "trainable.safetensors").is_file() and (ckpt / "dude_params.safetensors").is_file()
     pickled = sorted(p.relative_to(trained).as_posix() for p in trained.rglob("*")
                      if p.suffix in (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"))
-    # Pickles exist only where DeepSpeed and the RNG state need them, and all pass the
-    # restricted unpickler that runs before every resume.
-    assert pickled and all(p.startswith("checkpoints/step_00000002/") for p in pickled), pickled
-    assert {Path(p).name for p in pickled} == {
-        "rng_rank0.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"}
-    verify_checkpoint_files(ckpt)
+    assert pickled == [], pickled
+    assert {p.suffix for p in ckpt.iterdir()} == {".safetensors", ".json"}
+
+
+def _consistent(ckpt: Path) -> None:
+    """Record the planted file in the manifest, as an attacker who rewrites it would."""
+    from dude_dist.checkpoint import write_manifest
+
+    write_manifest(ckpt)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("form", ["raw_pickle", "torch_zip"])
-def test_tampered_checkpoint_is_refused_and_nothing_runs(trained, tmp_path, form):
+def test_a_pickle_in_a_portable_checkpoint_is_refused_unread(trained, tmp_path, form):
     out = tmp_path / "run"
     shutil.copytree(trained, out)
-    victim = out / "checkpoints" / "step_00000002" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    ckpt = out / "checkpoints" / "step_00000002"
+    marker = tmp_path / "pwned"
+    _write_payload(ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker, form)
+    _consistent(ckpt)
+    proc = train(out, "train.max_steps=4", "train.save_every=2", resume="auto", check=False, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert (f"error: refusing to load checkpoint {ckpt}: it holds the portable state, which is safetensors and "
+            "JSON only, but also zero_pp_rank_0_mp_rank_00_optim_states.pt") in proc.stderr, proc.stderr[-3000:]
+    assert not marker.exists(), "the planted pickle ran"
+    assert "init plan" not in proc.stderr  # refused before the model was even loaded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["raw_pickle", "torch_zip"])
+def test_tampered_deepspeed_checkpoint_is_refused_and_nothing_runs(tmp_path, form):
+    """An older checkpoint (DeepSpeed's pickled files only) still passes the restricted
+    unpickler before DeepSpeed's unrestricted load could run anything."""
+    from dude_dist import checkpoint as ckpt_lib
+
+    out = tmp_path / "run"
+    train(out, "train.max_steps=2", "train.save_every=2", "train.deepspeed_checkpoint=true", timeout=300)
+    ckpt = out / "checkpoints" / "step_00000002"
+    for name in (ckpt_lib.TRAINABLE_FILE, ckpt_lib.RNG_FILE, ckpt_lib.STATE_FILE):
+        (ckpt / name).unlink()
+    victim = ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     marker = tmp_path / "pwned"
     _write_payload(victim, marker, form)
+    _consistent(ckpt)
     # The payload is live: an unrestricted load (what DeepSpeed's load_checkpoint does) runs it.
     probe, live_marker = tmp_path / "probe.pt", tmp_path / "pwned_probe"
     _write_payload(probe, live_marker, form)
@@ -90,7 +117,7 @@ def test_tampered_checkpoint_is_refused_and_nothing_runs(trained, tmp_path, form
     proc = train(out, "train.max_steps=4", "train.save_every=2", resume="auto", check=False, timeout=180)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert f"error: refusing to load checkpoint {out / 'checkpoints' / 'step_00000002'}: " \
+    assert f"error: refusing to load checkpoint {ckpt}: " \
            f"zero_pp_rank_0_mp_rank_00_optim_states.pt: it names 'posix.system'" in proc.stderr, proc.stderr[-3000:]
     assert not marker.exists(), "the tampered checkpoint ran its payload"
     assert "init plan" not in proc.stderr  # refused before the model was even loaded
