@@ -338,6 +338,12 @@ class Plan:
     traffic: dict
 
     @property
+    def checkpoint_bytes(self) -> int:
+        """One checkpoint's size: per trainable number its fp32 master and two Adam moments
+        (``trainable.safetensors``) and the model's own copy (``dude_params.safetensors``, fp32)."""
+        return 16 * self.trainable_params
+
+    @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
 
@@ -348,7 +354,7 @@ class Plan:
     def to_dict(self) -> dict:
         keys = ("model", "facts_file", "nodes", "gpus_per_node", "world_size", "base_params", "total_params",
                 "trainable_params", "trainable_closed_form", "targets", "largest_module_params", "zero_stage",
-                "gpu_memory_bytes", "fits", "init", "all_trainable", "traffic")
+                "gpu_memory_bytes", "fits", "init", "all_trainable", "traffic", "checkpoint_bytes")
         d = {k: getattr(self, k) for k in keys}
         d["memory"] = self.memory.to_dict()
         return d
@@ -482,6 +488,8 @@ def format_plan(plan: Plan) -> str:
     t = plan.traffic
     lines += [
         line,
+        f"checkpoint: {plan.checkpoint_bytes / 1e6:.0f} MB (fp32 masters, Adam moments and DuDe tensors; "
+        "the frozen weights are never saved)",
         f"frozen-weight gathers per GPU per step ({t['micro_batches']} micro-batches x {t['passes_per_micro_batch']} "
         f"passes): {t['flat']['total'] / 1e9:.1f} GB, {t['flat']['inter_node'] / 1e9:.1f} GB across nodes; with "
         f"hpz_partition_size={plan.gpus_per_node}: {t['hpz']['total'] / 1e9:.1f} GB, 0 across nodes"

@@ -38,6 +38,10 @@ def test_checkpoint_is_safetensors_and_json_only(two_ranks):
     assert state["adam_step"] == 6 and state["world_size"] == 2 and state["scheduler"]["last_epoch"] == 6
     adapter = json.loads((ckpt / "adapter.json").read_text())
     assert adapter["rank"] == 4 and adapter["targets"] == ["q_proj", "v_proj"] and adapter["variant"] == "dude"
+    # The planner's checkpoint size: 16 bytes per trainable number (master, two moments, the model's copy).
+    trainable = summary(two_ranks)["init"]["trainable_params"]
+    tensor_bytes = sum((ckpt / f).stat().st_size for f in ("trainable.safetensors", "dude_params.safetensors"))
+    assert 16 * trainable <= tensor_bytes <= 16 * trainable + 16_384, (tensor_bytes, trainable)
 
 
 @pytest.mark.parametrize("nproc", [1, 3])
