@@ -227,3 +227,39 @@ def test_loss_from_labelled_positions_only_equals_the_full_logits_loss(stories_p
     assert torch.allclose(results[True][2], results[False][2], rtol=1e-10, atol=1e-14)
     empty = {**batch, "labels": torch.full_like(labels, -100)}
     assert token_loss_sum(model, empty)[1] == 0 and token_loss_sum(model, empty)[0].item() == 0.0
+
+
+def test_loss_inputs_count_on_the_host_and_keep_logits_from_the_first_label(stories_path):
+    from transformers import AutoModelForCausalLM
+
+    from dude_dist.loss import accepts_logits_to_keep, loss_inputs, summed_loss
+
+    ids = torch.randint(3, 500, (3, 10), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0  # right padding
+    labels = ids.clone()
+    labels[0, :6] = labels[1, :4] = -100
+    labels[2, :] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    inputs = loss_inputs(batch)
+    # Targets are labels[:, 1:]: 4 + 6 + 0; tokens 10 + 10 + 7; the first labelled target is
+    # labels[1, 4], i.e. position 3 of labels[:, 1:].
+    assert (inputs.targets, inputs.tokens, inputs.first) == (10, 27, 3)
+    assert loss_inputs(batch, keep_logits=False).first is None
+    assert loss_inputs({**batch, "labels": torch.full_like(labels, -100)}).first == 8
+    moved = loss_inputs(batch, device="meta")
+    assert {t.device.type for t in moved.tensors.values()} == {"meta"} and moved.targets == 10
+
+    model = AutoModelForCausalLM.from_pretrained(stories_path, dtype=torch.float64)
+    assert accepts_logits_to_keep(model) and not accepts_logits_to_keep(torch.nn.Linear(2, 2))
+    kept = []
+
+    def forward(**kwargs):
+        kept.append(kwargs.get("logits_to_keep"))
+        return model(**kwargs)
+
+    with torch.no_grad():
+        short = summed_loss(forward, inputs)
+        full = summed_loss(forward, loss_inputs(batch, keep_logits=False))
+    assert kept == [10 - 3, None]  # logits for the positions from the first label on, then all
+    assert short.item() == pytest.approx(full.item(), rel=1e-6)
