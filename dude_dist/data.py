@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from datasets.table import InMemoryTable
 
 from dude_dist.config import DataConfig
 from dude_dist.errors import DataError
@@ -522,28 +523,133 @@ def tokenize_records(
     return tokenized.remove_columns(["prompt_len", "full_len"]), stats
 
 
-def pack_dataset(ds: datasets.Dataset, max_seq_len: int) -> datasets.Dataset:
-    """Concatenate samples into rows of exactly ``max_seq_len`` tokens.
+def pack_lengths(lengths: Sequence[int], max_seq_len: int, seed: int = 0) -> list[list[int]]:
+    """Bin-pack whole samples into rows of at most ``max_seq_len`` tokens (best-fit decreasing).
 
-    Labels travel with their tokens, so every prompt token stays -100 and each sample's
-    first token (its prompt, usually bos) is never a target: no loss crosses from one
-    sample into the next. Attention does cross samples within a row, and a sample may be
-    split over two rows. The tail shorter than ``max_seq_len`` is dropped, unless it is
-    the only row.
+    Samples are taken longest first (ties in a seeded random order) and each goes into the
+    row whose free space fits it most tightly, or a new row. No sample is split. The result
+    depends only on ``lengths``, ``max_seq_len`` and ``seed``, so every rank computes the
+    same rows.
+
+    Args:
+        lengths: tokens of each sample (each ``<= max_seq_len``).
+        max_seq_len: capacity of a row.
+        seed: orders samples of equal length.
+
+    Returns:
+        The sample indices of each row, in the order they sit in the row.
+
+    Raises:
+        ValueError: a sample is longer than ``max_seq_len`` or empty.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and (lengths.max() > max_seq_len or lengths.min() < 1):
+        bad = int(np.flatnonzero((lengths > max_seq_len) | (lengths < 1))[0])
+        raise ValueError(f"sample {bad} has {int(lengths[bad])} tokens; rows hold 1 to {max_seq_len}")
+    shuffled = np.random.default_rng(seed).permutation(len(lengths))
+    order = shuffled[np.argsort(-lengths[shuffled], kind="stable")]
+    rows: list[list[int]] = []
+    by_space: list[list[int]] = [[] for _ in range(max_seq_len + 1)]  # free space -> rows with it
+    nonempty = 0  # bit s is set when some row has exactly s tokens free
+    for index in order.tolist():
+        n = int(lengths[index])
+        fits = nonempty >> n
+        if fits:
+            space = n + (fits & -fits).bit_length() - 1  # the smallest free space >= n
+            row = by_space[space].pop()
+            if not by_space[space]:
+                nonempty &= ~(1 << space)
+        else:
+            space, row = max_seq_len, len(rows)
+            rows.append([])
+        rows[row].append(index)
+        left = space - n
+        if left:
+            by_space[left].append(row)
+            nonempty |= 1 << left
+    return rows
+
+
+def pack_dataset(ds: datasets.Dataset, max_seq_len: int, seed: int = 0) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """Rows of whole samples (:func:`pack_lengths`), each sample attending only to itself.
+
+    A row keeps its samples' tokens back to back (no padding is stored) and their lengths
+    in ``seq_lens``; :func:`collate_batch` turns those into ``position_ids`` that restart
+    at 0 for every sample, from which the attention (transformers' packed-sequence
+    support: a block-diagonal causal mask for ``sdpa``/``eager``, varlen kernels for flash
+    attention) confines every token to its own sample. Each sample's first label is set
+    to -100: in a padded batch the first token is never a target either, so a packed row
+    has exactly the targets, and (in exact arithmetic) the loss, of its samples padded.
+
+    Returns:
+        Columns ``input_ids``, ``labels``, ``seq_lens``; and ``rows``, ``fill`` (real tokens
+        over ``rows * max_seq_len``).
     """
     table = ds.with_format("arrow")[:]
-    input_ids = pc.list_flatten(table.column("input_ids")).to_numpy()
-    labels = pc.list_flatten(table.column("labels")).to_numpy()
-    n_rows = len(input_ids) // max_seq_len
-    if n_rows == 0:
-        return datasets.Dataset.from_dict({"input_ids": [input_ids.tolist()], "labels": [labels.tolist()]})
-    used = n_rows * max_seq_len
-    if used < len(input_ids):
-        logger.info("packing: dropped the last %d tokens (less than one row of %d)", len(input_ids) - used, max_seq_len)
-    return datasets.Dataset.from_dict({
-        "input_ids": input_ids[:used].reshape(n_rows, max_seq_len),
-        "labels": labels[:used].reshape(n_rows, max_seq_len),
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy().astype(np.int64)
+    rows = pack_lengths(lengths, max_seq_len, seed)
+    order = np.fromiter((i for row in rows for i in row), dtype=np.int64, count=len(lengths))
+    taken = table.take(pa.array(order))
+    input_ids = pc.list_flatten(taken.column("input_ids")).to_numpy()
+    labels = pc.list_flatten(taken.column("labels")).to_numpy().copy()
+    seq_lens = lengths[order]
+    labels[np.cumsum(seq_lens) - seq_lens] = IGNORE_INDEX  # each sample's first token is no target
+    samples_per_row = np.fromiter((len(row) for row in rows), dtype=np.int64, count=len(rows))
+    row_samples = np.concatenate([[0], np.cumsum(samples_per_row)])
+    row_tokens = np.concatenate([[0], np.cumsum(seq_lens)])[row_samples]
+    packed = pa.table({
+        "input_ids": pa.ListArray.from_arrays(pa.array(row_tokens, pa.int32()), pa.array(input_ids)),
+        "labels": pa.ListArray.from_arrays(pa.array(row_tokens, pa.int32()), pa.array(labels)),
+        "seq_lens": pa.ListArray.from_arrays(pa.array(row_samples, pa.int32()), pa.array(seq_lens)),
     })
+    fill = float(lengths.sum()) / (len(rows) * max_seq_len)
+    logger.info("packing: %d samples into %d rows of %d tokens, %.1f%% filled", len(lengths), len(rows),
+                max_seq_len, 100 * fill)
+    return datasets.Dataset(InMemoryTable(packed)), {"rows": len(rows), "fill": fill}
+
+
+@dataclass(frozen=True)
+class RowCounts:
+    """Host-side counts of every training row (a sample, or a packed row of samples).
+
+    Attributes:
+        tokens: real tokens of each row ``[rows]``.
+        targets: labelled next-token targets of each row (labels after its first position).
+        square_lengths: sum over the row's samples of ``length**2`` (attention's cost).
+    """
+
+    tokens: np.ndarray
+    targets: np.ndarray
+    square_lengths: np.ndarray
+
+    def shape(self, micro_batches: Sequence[Sequence[int]]) -> tuple[int, int, int]:
+        """Real tokens, token slots (each micro-batch padded to its longest row) and summed
+        squared sample lengths of the rows ``micro_batches`` name."""
+        tokens = slots = square = 0
+        for rows in micro_batches:
+            lengths = self.tokens[list(rows)]
+            tokens += int(lengths.sum())
+            slots += len(rows) * int(lengths.max(initial=0))
+            square += int(self.square_lengths[list(rows)].sum())
+        return tokens, slots, square
+
+
+def row_counts(ds: datasets.Dataset) -> RowCounts:
+    """:class:`RowCounts` of a tokenised or packed dataset, from its Arrow columns at once."""
+    table = ds.with_format("arrow")[:]
+    tokens = pc.list_value_length(table.column("input_ids")).to_numpy().astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(tokens)[:-1]])
+    labelled = (pc.list_flatten(table.column("labels")).to_numpy() != IGNORE_INDEX).astype(np.int64)
+    labelled[starts[tokens > 0]] = 0  # a row's first label is never a target
+    targets = np.add.reduceat(labelled, starts) if len(labelled) else np.zeros(len(tokens), np.int64)
+    targets[tokens == 0] = 0
+    if "seq_lens" in table.column_names:
+        seq_lens = pc.list_flatten(table.column("seq_lens")).to_numpy().astype(np.int64)
+        per_row = pc.list_value_length(table.column("seq_lens")).to_numpy()
+        square = np.add.reduceat(seq_lens**2, np.concatenate([[0], np.cumsum(per_row)[:-1]]))
+    else:
+        square = tokens**2
+    return RowCounts(tokens=tokens, targets=targets, square_lengths=square)
 
 
 @dataclass(frozen=True)
@@ -551,27 +657,33 @@ class TokenizedData:
     """What the trainer consumes.
 
     Attributes:
-        train: columns ``input_ids`` and ``labels`` (lists of ints).
+        train: columns ``input_ids`` and ``labels`` (lists of ints), and ``seq_lens`` (the
+            lengths of the samples in each row) when packed.
         eval: the held-out set for ``eval/loss`` (never packed), or None.
         stats: ``samples``, ``truncated``, ``dropped``, ``tokens``, ``label_tokens`` of the
-            training set, and ``rows`` (equal to ``samples`` unless packed).
+            training set, ``rows`` (equal to ``samples`` unless packed) and, packed,
+            ``fill`` (real tokens over ``rows * max_seq_len``).
+        counts: :class:`RowCounts` of ``train``.
     """
 
     train: datasets.Dataset
     eval: datasets.Dataset | None
-    stats: dict[str, int]
+    stats: dict[str, Any]
+    counts: RowCounts
 
 
-def build_datasets(cfg: DataConfig, tokenizer: Any) -> TokenizedData:
+def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int = 0) -> TokenizedData:
     """Load, validate and tokenise the training and held-out data of ``cfg``.
 
     Args:
         cfg: the ``data`` section.
         tokenizer: the model's tokenizer.
+        seed: orders equally long samples when packing (``train.seed``).
 
     Returns:
-        The tokenised training set (``cfg.limit`` first samples), the first
-        ``cfg.eval_size`` held-out samples (None without ``cfg.eval_sources``) and counts.
+        The tokenised training set (``cfg.limit`` first samples; bin-packed into rows with
+        ``cfg.packing``), the first ``cfg.eval_size`` held-out samples (None without
+        ``cfg.eval_sources``) and counts.
 
     Raises:
         DataError: no source loads, a field is missing, a record is malformed, or no
@@ -583,23 +695,40 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> TokenizedData:
     train, stats = tokenize_records(raw, cfg.format, tokenizer, cfg.max_seq_len, source)
     stats["rows"] = stats["samples"]
     if cfg.packing:
-        train = pack_dataset(train, cfg.max_seq_len)
-        stats["rows"] = len(train)
-    logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
+        train, packed = pack_dataset(train, cfg.max_seq_len, seed)
+        stats.update(packed)
+    logger.info("data: %s", ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in stats.items()))
     held_out = None
     if cfg.eval_sources and cfg.eval_size:
         raw_eval, eval_source = load_first_source(cfg.eval_sources, cfg.eval_split, "data.eval_sources")
         raw_eval = raw_eval.select(range(min(cfg.eval_size, len(raw_eval))))
         held_out, eval_stats = tokenize_records(raw_eval, cfg.format, tokenizer, cfg.max_seq_len, eval_source)
         logger.info("eval data: %s", ", ".join(f"{k}={v}" for k, v in eval_stats.items()))
-    return TokenizedData(train=train, eval=held_out, stats=stats)
+    return TokenizedData(train=train, eval=held_out, stats=stats, counts=row_counts(train))
+
+
+def position_ids_of(seq_lens: Sequence[int], length: int) -> np.ndarray:
+    """Positions that restart at 0 for each sample of a packed row; the padding after the
+    last sample (up to ``length``) counts as one more sequence, so it attends only to itself."""
+    lens = np.asarray(list(seq_lens) + [length - int(np.sum(seq_lens))], dtype=np.int64)
+    lens = lens[lens > 0]
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    return np.arange(length, dtype=np.int64) - np.repeat(starts, lens)
 
 
 def collate_batch(samples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad samples into ``input_ids``, ``attention_mask`` and ``labels`` (-100 at pads).
+    """Right-pad samples (or packed rows) into ``input_ids``, ``attention_mask`` and ``labels``.
+
+    Labels are -100 at padded positions; ``attention_mask`` marks the real tokens. Packed
+    rows (they carry ``seq_lens``) also get ``position_ids`` that restart at 0 for every
+    sample (:func:`position_ids_of`): the model is then called with those and no
+    ``attention_mask`` (:func:`dude_dist.loss.summed_loss`), which confines attention to
+    each sample.
 
     Args:
-        samples: dicts with ``input_ids`` and ``labels`` (lists or 1-D tensors).
+        samples: dicts with ``input_ids`` and ``labels`` (lists or 1-D tensors), and
+            ``seq_lens`` for packed rows.
         pad_token_id: id written at padded positions of ``input_ids``.
 
     Returns:
@@ -607,13 +736,20 @@ def collate_batch(samples: Sequence[dict], pad_token_id: int) -> dict[str, torch
     """
     if not samples:
         raise ValueError("collate_batch needs at least one sample")
+    packed = "seq_lens" in samples[0]
     longest = max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((len(samples), longest), pad_token_id, dtype=torch.long)
     labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
+    position_ids = torch.zeros((len(samples), longest), dtype=torch.long) if packed else None
     for row, sample in enumerate(samples):
         n = len(sample["input_ids"])
         input_ids[row, :n] = torch.as_tensor(sample["input_ids"], dtype=torch.long)
         labels[row, :n] = torch.as_tensor(sample["labels"], dtype=torch.long)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if packed:
+            position_ids[row] = torch.from_numpy(position_ids_of(sample["seq_lens"], longest))
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if packed:
+        batch["position_ids"] = position_ids
+    return batch

@@ -16,7 +16,7 @@ is a sizeable share of a step's work and memory.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,21 +35,41 @@ class LossInputs:
     """One batch ready for :func:`summed_loss`.
 
     Attributes:
-        tensors: ``input_ids``, ``attention_mask``, ``labels`` ``[batch, seq]`` on the device.
+        tensors: ``input_ids``, ``labels`` ``[batch, seq]`` on the device, with
+            ``attention_mask`` (padded samples) or ``position_ids`` (packed rows).
         targets: number of labelled next-token targets (host integer).
         tokens: number of real (non-padding) tokens (host integer).
         first: first labelled target position (``logits_to_keep`` starts there), or None to
             compute logits everywhere.
+        forward_kwargs: further keyword arguments of the model call (packed rows:
+            ``use_cache=False`` and, for flash attention, the cumulative sequence lengths).
     """
 
     tensors: dict[str, torch.Tensor]
     targets: int
     tokens: int
     first: int | None
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def varlen_kwargs(position_ids: torch.Tensor, device: torch.device | str | None = None) -> dict[str, Any]:
+    """Flash attention's varlen arguments for packed rows, computed on the host.
+
+    The rows ``[batch, seq]`` are read as one flattened sequence of ``batch * seq`` tokens
+    cut wherever a position restarts at 0 (each sample, and the padding after the last one),
+    so the kernel never needs a device-to-host read to learn the lengths.
+    """
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().reshape(-1)
+    cu_seq_lens = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    longest = int(cu_seq_lens.diff().max())
+    cu_seq_lens = cu_seq_lens.to(device, non_blocking=True) if device is not None else cu_seq_lens
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest,
+            "max_length_k": longest}
 
 
 def loss_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | None = None,
-                keep_logits: bool = True) -> LossInputs:
+                keep_logits: bool = True, varlen: bool = False) -> LossInputs:
     """Count targets and tokens and find the first label on the host, then move ``batch``.
 
     Args:
@@ -57,30 +77,45 @@ def loss_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | Non
             too, at the price of a sync).
         device: where the model runs (None: leave the tensors where they are).
         keep_logits: compute logits only from the first labelled position on.
+        varlen: packed rows also carry flash attention's cumulative sequence lengths
+            (:func:`varlen_kwargs`); for ``flash_attention_2``.
     """
     targets = batch["labels"][:, 1:] != IGNORE_INDEX
     first = None
     if keep_logits:
         labelled = targets.any(0).nonzero()
         first = int(labelled[0]) if len(labelled) else targets.shape[1] - 1
-    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()} if device is not None else batch
+    packed = "position_ids" in batch
+    # Packed rows go to the model with position_ids and no attention_mask: that is what makes
+    # transformers build per-sample attention. The mask stays on the host to count tokens.
+    keys = ("input_ids", "position_ids", "labels") if packed else ("input_ids", "attention_mask", "labels")
+    moved = {k: batch[k].to(device, non_blocking=True) if device is not None else batch[k] for k in keys}
+    forward_kwargs: dict[str, Any] = {}
+    if packed:
+        forward_kwargs["use_cache"] = False  # with a cache transformers does not look for packed sequences
+        if varlen:
+            forward_kwargs.update(varlen_kwargs(batch["position_ids"], device))
     return LossInputs(tensors=moved, targets=int(targets.sum()), tokens=int(batch["attention_mask"].sum()),
-                      first=first)
+                      first=first, forward_kwargs=forward_kwargs)
 
 
 def summed_loss(forward: Any, inputs: LossInputs) -> torch.Tensor:
     """Summed next-token cross-entropy (float32) over the labelled targets of ``inputs``.
 
     Args:
-        forward: the model or DeepSpeed engine (called with ``input_ids``, ``attention_mask``).
+        forward: the model or DeepSpeed engine (called with ``input_ids`` and either
+            ``attention_mask`` or, for packed rows, ``position_ids``).
     """
     batch = inputs.tensors
     labels = batch["labels"][:, 1:]
-    kwargs: dict = {}
+    kwargs: dict = dict(inputs.forward_kwargs)
     if inputs.first is not None:
         kwargs["logits_to_keep"] = labels.shape[1] + 1 - inputs.first
         labels = labels[:, inputs.first :]
-    logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+    for key in ("attention_mask", "position_ids"):
+        if key in batch:
+            kwargs[key] = batch[key]
+    logits = forward(input_ids=batch["input_ids"], **kwargs).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
 

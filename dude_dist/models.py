@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from dude_dist.config import ModelConfig
+from dude_dist.config import ModelConfig, attn_implementation_problem
 from dude_dist.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -352,15 +352,19 @@ def load_model(cfg: ModelConfig):
     partitioned as they load.
 
     Raises:
-        ModelLoadError: the path is missing or the checkpoint is not a causal LM.
+        ModelLoadError: the path is missing, the checkpoint is not a causal LM, or
+            ``cfg.attn_implementation`` cannot run here (flash attention without its
+            package or a GPU).
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    problem = attn_implementation_problem(cfg.attn_implementation)
+    if problem:
+        raise ModelLoadError(problem)
     path, kwargs = _source(cfg, convert=False)
     _check_causal_config(cfg, path, kwargs)
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
+    kwargs["attn_implementation"] = cfg.attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), **kwargs)
     except (OSError, SafetensorError) as exc:  # no weights, a damaged file (checked earlier; this is the backstop)

@@ -6,14 +6,25 @@ takes the ``k``-th contiguous slice of it, cut into ``grad_accum`` micro-batches
 1-process run and a P-process run with the same global batch see the same samples per
 step, ranks never overlap, and the step number alone is the data position a checkpoint
 needs to resume at the exact next sample.
+
+With ``lengths`` (``data.group_by_length``) the epoch's permutation is cut into windows of
+:data:`GROUP_WINDOW` global batches; each window is sorted by length (ties keep their random
+order) and cut into global batches, which are then shuffled within the window. A global
+batch then holds samples of similar length, so the micro-batches cut from it are padded
+little, while which samples meet, and in which order the batches come, stays seeded and
+independent of the world size.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from dude_dist.config import BatchLayout
 from dude_dist.errors import DataError
+
+GROUP_WINDOW = 64  # global batches sorted by length together (data.group_by_length)
 
 
 class StepSampler:
@@ -23,12 +34,14 @@ class StepSampler:
         num_samples: size of the training set.
         layout: batch arithmetic (micro, accum, world).
         seed: shuffle seed; epoch ``e`` uses ``seed + e``.
+        lengths: tokens of each sample; given, batches are grouped by length.
 
     Raises:
         DataError: fewer samples than one global batch.
     """
 
-    def __init__(self, num_samples: int, layout: BatchLayout, seed: int) -> None:
+    def __init__(self, num_samples: int, layout: BatchLayout, seed: int,
+                 lengths: Sequence[int] | None = None) -> None:
         if num_samples < layout.global_batch_size:
             raise DataError(
                 f"{num_samples} training sample(s) cannot fill one global batch of {layout.global_batch_size} "
@@ -40,6 +53,9 @@ class StepSampler:
         self.layout = layout
         self.seed = seed
         self.steps_per_epoch = num_samples // layout.global_batch_size
+        self.lengths = None if lengths is None else torch.as_tensor(lengths, dtype=torch.long)
+        if self.lengths is not None and len(self.lengths) != num_samples:
+            raise ValueError(f"{len(self.lengths)} lengths for {num_samples} samples")
         self._epoch = -1
         self._perm: torch.Tensor | None = None
 
@@ -47,8 +63,21 @@ class StepSampler:
         if epoch != self._epoch:
             gen = torch.Generator().manual_seed(self.seed + epoch)
             self._perm = torch.randperm(self.num_samples, generator=gen)
+            if self.lengths is not None:
+                self._perm = self._group_by_length(self._perm, gen)
             self._epoch = epoch
         return self._perm
+
+    def _group_by_length(self, perm: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        size = self.layout.global_batch_size
+        used = self.steps_per_epoch * size
+        window = GROUP_WINDOW * size
+        grouped = []
+        for start in range(0, used, window):
+            part = perm[start : min(start + window, used)]
+            part = part[torch.argsort(self.lengths[part], descending=True, stable=True)].view(-1, size)
+            grouped.append(part[torch.randperm(len(part), generator=gen)].reshape(-1))
+        return torch.cat(grouped + [perm[used:]])
 
     def global_batch(self, step: int) -> list[int]:
         """All indices of optimizer step ``step`` (0-based), over every rank."""

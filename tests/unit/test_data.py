@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -245,17 +246,21 @@ def test_all_prompts_too_long_is_an_error(tokenizer, data_dir):
         build_datasets(DataConfig(sources=(str(data_dir / "gsm8k"),), limit=8, max_seq_len=16), tokenizer)
 
 
-def test_packing_makes_full_rows_of_the_same_tokens(tokenizer, data_dir):
-    base = DataConfig(sources=(str(data_dir / "commonsense" / "boolq"),), format="commonsense", limit=20)
+def test_packing_puts_whole_samples_in_rows(tokenizer, data_dir):
+    base = DataConfig(sources=(str(data_dir / "commonsense" / "boolq"),), format="commonsense", limit=20,
+                      max_seq_len=1024)
     plain = build_datasets(base, tokenizer).train
-    packed = build_datasets(dataclasses.replace(base, packing=True, max_seq_len=256), tokenizer)
-    flat_ids = [t for s in plain for t in s["input_ids"]]
-    flat_labels = [t for s in plain for t in s["labels"]]
+    packed = build_datasets(dataclasses.replace(base, packing=True), tokenizer)
     rows = packed.train
-    assert len(rows) == len(flat_ids) // 256 == packed.stats["rows"] > 1
-    assert all(len(r["input_ids"]) == len(r["labels"]) == 256 for r in rows)
-    assert [t for r in rows for t in r["input_ids"]] == flat_ids[: len(rows) * 256]
-    assert [t for r in rows for t in r["labels"]] == flat_labels[: len(rows) * 256]
+    assert rows.column_names == ["input_ids", "labels", "seq_lens"]
+    assert 1 < len(rows) == packed.stats["rows"] < len(plain)
+    assert all(len(r["input_ids"]) == len(r["labels"]) == sum(r["seq_lens"]) <= 1024 for r in rows)
+    pieces = []
+    for r in rows:
+        ends = np.cumsum(r["seq_lens"]).tolist()
+        pieces += [tuple(r["input_ids"][end - n:end]) for n, end in zip(r["seq_lens"], ends)]
+    assert sorted(pieces) == sorted(tuple(s["input_ids"]) for s in plain)  # every sample once, whole
+    assert packed.stats["fill"] == pytest.approx(sum(map(len, pieces)) / (1024 * len(rows)))
 
 
 def test_eval_split_and_size(tokenizer, data_dir):

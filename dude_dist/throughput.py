@@ -1,0 +1,172 @@
+"""Model FLOPs of adapter training, and the device peaks that MFU is measured against.
+
+    python -c "from dude_dist.throughput import peak_tflops; print(peak_tflops('NVIDIA H100 80GB HBM3'))"
+
+Counted per real (non-padding) token, ``N`` the elements of every frozen weight that
+multiplies each token (all Linear layers of the decoder and the LM head; embeddings are
+lookups)::
+
+    frozen weights   forward 2N + input-gradient backward 2N (+ 2N' recompute)
+    DuDe [out, in]   x A^T and (x A^T) B^T: forward 2r(in+out), backward 4r(in+out)
+                     (input and weight gradients of A and B) (+ 2r(in+out) recompute);
+                     adapter.recompute adds 2 in out (x W_f^T rebuilt in backward)
+    attention        per layer and sample of n tokens, causal: forward 2 n^2 d
+                     (QK^T and PV over half of the n x n scores, d = heads * head_dim),
+                     backward twice that (+ forward again on recompute)
+
+and per forward pass (micro-batch), not per token, the row norms of each DuDe layer:
+``W_f A^T`` (2 r in out) forward, and its gradient for ``A`` (2 r in out) with
+``norm_grad: exact``, both again on recompute. ``N'`` is ``N`` without the LM head, which
+activation checkpointing does not recompute. Two small over-counts, accepted to keep the
+count model-independent: torch's non-reentrant checkpoint stops recomputing a layer once
+its saved tensors are back, so the layer's last frozen matmul (the MLP down projection,
+which saves nothing) is not run again; and the first layer's frozen projections need no
+input gradient (the embeddings are frozen).
+
+Frozen weights get no weight gradient, so the backward pass costs 2N per token, not 4N: the
+usual ``6N`` (full fine-tuning: forward 2N, backward 4N) counts 2N per token of work that
+adapter training never does. Divided by the same step time, it reports 1.5x the true MFU
+without activation checkpointing; with checkpointing ``6N`` happens to equal forward,
+backward and recompute, but then only by counting the recompute as model work, which
+this count does too (it states what the hardware executes). Attention is counted per
+sample, so a packed row of short samples costs what the samples cost, not a full
+``max_seq_len`` square. ``logits_to_keep`` (LM head only from the first label on) is not
+subtracted: the count is a slight over-estimate there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s per device, from the vendors' data
+# sheets. The longest key contained in torch.cuda.get_device_name() wins, so "H100 PCIe"
+# beats "H100". train.peak_tflops overrides the table.
+PEAK_TFLOPS: dict[str, float] = {
+    "B200": 2250.0,
+    "H200 NVL": 835.0,
+    "H200": 989.0,
+    "GH200": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,  # SXM; its name is "NVIDIA H100 80GB HBM3"
+    "H800": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "MI300X": 1307.0,
+    "MI325X": 1307.0,
+    "MI250X": 383.0,
+}
+
+
+def peak_tflops(device_name: str, override: float = 0.0) -> float | None:
+    """The bf16 peak of ``device_name`` in TFLOP/s: ``override`` if positive, else the longest
+    key of :data:`PEAK_TFLOPS` found in the name (case-insensitive), else None."""
+    if override > 0:
+        return float(override)
+    name = device_name.lower()
+    found = [key for key in PEAK_TFLOPS if key.lower() in name]
+    return PEAK_TFLOPS[max(found, key=len)] if found else None
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """What one token, one sample and one forward pass cost (see the module docstring).
+
+    Attributes:
+        frozen: ``N``, elements of the frozen weights every token is multiplied by.
+        head: elements of the LM head (part of ``frozen``; not recomputed).
+        adapter: ``sum 2 r (in + out)`` over DuDe layers: forward flops per token.
+        rebuilt: ``sum 2 in out`` over DuDe layers with ``recompute``: flops per token in backward.
+        norms: ``sum 2 r in out`` over DuDe layers: row-norm forward flops per pass.
+        norm_grads: the same over layers with ``norm_grad: exact``: backward flops per pass.
+        attention_width: ``sum heads * head_dim`` over the decoder layers.
+        checkpointing: activation checkpointing recomputes the decoder layers' forward.
+    """
+
+    frozen: int
+    head: int
+    adapter: int
+    rebuilt: int
+    norms: int
+    norm_grads: int
+    attention_width: int
+    checkpointing: bool
+
+    @classmethod
+    def from_model(cls, model: nn.Module, checkpointing: bool) -> FlopModel:
+        """Read the shapes from a model's modules (no parameter storage is read, so a meta
+        model or a ZeRO-3 partitioned one works) and its config's attention sizes."""
+        from dude_dist.dude import DudeLinear
+
+        frozen = adapter = rebuilt = norms = norm_grads = 0
+        for module in model.modules():
+            if isinstance(module, DudeLinear):
+                size = module.in_features * module.out_features
+                frozen += size
+                adapter += 2 * module.rank * (module.in_features + module.out_features)
+                rebuilt += 2 * size if module.recompute else 0
+                norms += 2 * module.rank * size
+                norm_grads += 2 * module.rank * size if module.norm_grad == "exact" else 0
+            elif isinstance(module, nn.Linear):
+                frozen += module.in_features * module.out_features
+        get_head = getattr(model, "get_output_embeddings", None)
+        head_module = get_head() if callable(get_head) else None
+        head = head_module.in_features * head_module.out_features if isinstance(head_module, nn.Linear) else 0
+        config = getattr(model, "config", None)
+        width = 0
+        if config is not None and getattr(config, "num_attention_heads", None):
+            heads = config.num_attention_heads
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+            width = config.num_hidden_layers * heads * head_dim
+        return cls(frozen=frozen, head=head, adapter=adapter, rebuilt=rebuilt, norms=norms, norm_grads=norm_grads,
+                   attention_width=width, checkpointing=checkpointing)
+
+    def step_flops(self, tokens: int, square_lengths: int, passes: int) -> float:
+        """Model FLOPs of one optimizer step.
+
+        Args:
+            tokens: real tokens of the global batch.
+            square_lengths: sum of ``n**2`` over its samples (``n`` tokens each).
+            passes: forward passes (micro-batches over all ranks).
+        """
+        again = 1 if self.checkpointing else 0
+        per_token = (2 * self.frozen + 2 * self.frozen + again * 2 * (self.frozen - self.head)
+                     + (3 + again) * self.adapter + self.rebuilt)
+        attention = (3 + again) * 2 * self.attention_width * square_lengths
+        per_pass = (1 + again) * self.norms + self.norm_grads
+        return float(per_token * tokens + attention + per_pass * passes)
+
+    def six_n_flops(self, tokens: int) -> float:
+        """The full fine-tuning count ``6 N`` per token, for comparison (overstates adapter work)."""
+        return 6.0 * self.frozen * tokens
+
+
+def throughput_scalars(flops: float, tokens: int, slots: int, seconds: float, world_size: int,
+                       peak: float | None) -> dict[str, float]:
+    """TensorBoard scalars of one step.
+
+    Args:
+        flops: :meth:`FlopModel.step_flops` of the step.
+        tokens: real tokens of the global batch.
+        slots: token positions the model ran on (real tokens plus padding), all ranks.
+        seconds: the step's wall time.
+        world_size: ranks (devices) that shared the work.
+        peak: one device's bf16 peak in TFLOP/s, or None (no ``train/mfu``).
+
+    Returns:
+        ``train/tokens_per_s`` (real tokens), ``train/padding_ratio`` (padding over slots),
+        ``train/model_tflops_per_s`` (per device) and, with a peak, ``train/mfu``.
+    """
+    seconds = max(seconds, 1e-9)
+    per_device = flops / seconds / world_size / 1e12
+    out = {"train/tokens_per_s": tokens / seconds,
+           "train/padding_ratio": 1.0 - tokens / slots if slots else 0.0,
+           "train/model_tflops_per_s": per_device}
+    if peak:
+        out["train/mfu"] = per_device / peak
+    return out

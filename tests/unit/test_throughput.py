@@ -1,0 +1,96 @@
+"""Model FLOPs of adapter training and MFU (dude_dist/throughput.py) against counted FLOPs.
+
+    OMP_NUM_THREADS=1 python -m pytest tests/unit/test_throughput.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM
+
+from dude_dist import DudeConfig, apply_dude
+from dude_dist.throughput import PEAK_TFLOPS, FlopModel, peak_tflops, throughput_scalars
+
+
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0),
+    ("AMD Instinct MI300X", 1307.0),
+])
+def test_known_devices_get_their_bf16_peak(name, peak):
+    assert peak_tflops(name) == peak
+
+
+def test_unknown_devices_have_no_peak_unless_given():
+    assert peak_tflops("Tesla T4") is None and peak_tflops("cpu") is None
+    assert peak_tflops("Tesla T4", override=65.0) == 65.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3", override=500.0) == 500.0
+    assert all(value > 0 for value in PEAK_TFLOPS.values())
+
+
+def stories_dude(stories_path, rank: int = 4, **adapter) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(stories_path, dtype=torch.float32, attn_implementation="eager")
+    apply_dude(model, DudeConfig(targets=("q_proj", "v_proj"), rank=rank, **adapter))
+    return model.train()
+
+
+def test_flop_model_reads_the_shapes_of_the_model(stories_path):
+    model = stories_dude(stories_path)
+    c = model.config  # hidden 64, 5 layers, 8 heads (4 kv), MLP 172, vocab 512
+    kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    per_layer = 2 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * kv + 3 * c.hidden_size * c.intermediate_size
+    fm = FlopModel.from_model(model, checkpointing=False)
+    assert fm.head == c.vocab_size * c.hidden_size
+    assert fm.frozen == c.num_hidden_layers * per_layer + fm.head
+    q, v = (c.hidden_size, c.hidden_size), (kv, c.hidden_size)
+    assert fm.adapter == c.num_hidden_layers * sum(2 * 4 * (o + i) for o, i in (q, v))
+    assert fm.norms == fm.norm_grads == c.num_hidden_layers * sum(2 * 4 * o * i for o, i in (q, v))
+    assert fm.rebuilt == 0 and fm.attention_width == c.num_hidden_layers * c.hidden_size
+    detached = FlopModel.from_model(stories_dude(stories_path, norm_grad="detach", recompute=True), False)
+    assert detached.norm_grads == 0 and detached.rebuilt == c.num_hidden_layers * sum(2 * o * i for o, i in (q, v))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_step_flops_match_the_flops_torch_counts(stories_path, checkpointing):
+    model = stories_dude(stories_path)
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    n = 100
+    ids = torch.randint(3, 500, (1, n), generator=torch.Generator().manual_seed(0))
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # every input gradient runs
+    with FlopCounterMode(display=False) as counter:
+        model(inputs_embeds=embeds, use_cache=False).logits.pow(2).mean().backward()
+    fm = FlopModel.from_model(model, checkpointing)
+    expected = fm.step_flops(n, n * n, passes=1)
+    # eager attention multiplies the whole n x n square, where the model counts its causal half
+    expected += (3 + checkpointing) * 2 * fm.attention_width * n * n
+    if checkpointing:
+        # torch's non-reentrant checkpoint stops recomputing once the saved tensors are back: a
+        # frozen down_proj saves nothing, so the last matmul of each layer is not recomputed
+        c = model.config
+        expected -= c.num_hidden_layers * 2 * c.hidden_size * c.intermediate_size * n
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-3)
+
+
+def test_six_n_overstates_adapter_training(stories_path):
+    fm = FlopModel.from_model(stories_dude(stories_path), checkpointing=False)
+    tokens = 1000
+    ratio = fm.six_n_flops(tokens) / fm.step_flops(tokens, 0, passes=0)
+    assert ratio == pytest.approx(6 * fm.frozen / (4 * fm.frozen + 3 * fm.adapter))
+    assert 1.45 < ratio <= 1.5  # frozen weights get no weight gradient: 4N, not 6N
+    with_recompute = FlopModel.from_model(stories_dude(stories_path), checkpointing=True)
+    assert with_recompute.step_flops(tokens, 0, 0) - fm.step_flops(tokens, 0, 0) == pytest.approx(
+        tokens * (2 * (fm.frozen - fm.head) + fm.adapter))
+
+
+def test_throughput_scalars():
+    out = throughput_scalars(flops=8e12, tokens=3000, slots=4000, seconds=2.0, world_size=2, peak=1000.0)
+    assert out["train/tokens_per_s"] == 1500.0
+    assert out["train/padding_ratio"] == 0.25
+    assert out["train/model_tflops_per_s"] == 2.0  # per device: 8e12 / 2 s / 2 devices
+    assert out["train/mfu"] == 0.002
+    assert "train/mfu" not in throughput_scalars(8e12, 3000, 3000, 2.0, 2, None)
+    assert throughput_scalars(8e12, 3000, 3000, 2.0, 2, None)["train/padding_ratio"] == 0.0
