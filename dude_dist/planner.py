@@ -30,6 +30,13 @@ optimizer_step + gathered) is what DeepSpeed's
 ``estimate_zero3_model_states_mem_needs(cpu_offload=False)`` estimates as
 ``4 * L + 18 * P / N``; :func:`deepspeed_estimate` calls it for comparison. DeepSpeed counts
 18 bytes per parameter where the accounting above has 16 plus the bounded fp32 step copy.
+
+Step time (:func:`step_estimate`): the model FLOPs of one optimizer step
+(:class:`dude_dist.throughput.FlopModel`: forward 2N, input-gradient backward 2N, the DuDe
+terms, recompute 2N with checkpointing, attention per sample) over ``global_batch_size *
+max_seq_len`` tokens (full rows: what packing gives; padded batches carry fewer real
+tokens), divided by ``N * peak * mfu``: the time a stated per-GPU bf16 peak at a stated
+MFU needs, and the tokens/s that follow.
 """
 
 from __future__ import annotations
@@ -46,12 +53,15 @@ from dude_dist.config import DTYPES, DudeConfig, RunConfig, batch_layout
 from dude_dist.errors import PlanError
 from dude_dist.sharded_init import plan_init
 from dude_dist.svd_init import measure_svd_gflops
+from dude_dist.throughput import FlopModel
 
 GIB = 2**30
 ADAM_STATE_BYTES = 12  # fp32 master + exp_avg + exp_avg_sq
 FP32_GRAD_BYTES = 4
 SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's zero_optimization.sub_group_size default
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+DEFAULT_PEAK_TFLOPS = 989.0  # H100/H200 SXM, dense bf16 (dude_dist.throughput.PEAK_TFLOPS)
+DEFAULT_MFU = 0.4
 
 
 
@@ -313,6 +323,26 @@ def gather_traffic(frozen_bytes: int, nodes: int, gpus_per_node: int, micro_batc
             "hpz_extra_bytes_per_gpu": frozen_bytes / gpus_per_node if nodes > 1 else 0.0}
 
 
+def step_estimate(flops: FlopModel, tokens: int, sample_tokens: int, passes: int, world_size: int,
+                  peak_tflops: float, mfu: float) -> dict:
+    """Model FLOPs of one optimizer step and the time it takes at ``mfu`` of ``peak_tflops``.
+
+    Args:
+        flops: the model's :class:`FlopModel`.
+        tokens: real tokens per optimizer step (all ranks).
+        sample_tokens: tokens per sample, for attention (``max_seq_len``: an upper bound).
+        passes: forward passes per step over all ranks (micro-batches).
+        world_size: GPUs.
+        peak_tflops: one GPU's dense bf16 peak.
+        mfu: the fraction of it the run achieves.
+    """
+    step = flops.step_flops(tokens, tokens * sample_tokens, passes)
+    seconds = step / (world_size * peak_tflops * 1e12 * mfu)
+    return {"flops_per_step": step, "six_n_flops_per_step": flops.six_n_flops(tokens), "tokens_per_step": tokens,
+            "peak_tflops": peak_tflops, "mfu": mfu, "step_seconds": seconds, "tokens_per_s": tokens / seconds,
+            "tflops_per_gpu": step / seconds / world_size / 1e12}
+
+
 # --------------------------------------------------------------------------- the plan
 
 
@@ -336,6 +366,7 @@ class Plan:
     init: dict
     all_trainable: dict
     traffic: dict
+    step: dict
 
     @property
     def checkpoint_bytes(self) -> int:
@@ -354,14 +385,16 @@ class Plan:
     def to_dict(self) -> dict:
         keys = ("model", "facts_file", "nodes", "gpus_per_node", "world_size", "base_params", "total_params",
                 "trainable_params", "trainable_closed_form", "targets", "largest_module_params", "zero_stage",
-                "gpu_memory_bytes", "fits", "init", "all_trainable", "traffic", "checkpoint_bytes")
+                "gpu_memory_bytes", "fits", "init", "all_trainable", "traffic", "checkpoint_bytes",
+                "step")
         d = {k: getattr(self, k) for k in keys}
         d["memory"] = self.memory.to_dict()
         return d
 
 
 def check_machine(nodes: int, gpus_per_node: int, gpu_memory_gb: float, reserve_gb: float = 0.0,
-                  svd_gflops: float | None = None) -> None:
+                  svd_gflops: float | None = None, peak_tflops: float = DEFAULT_PEAK_TFLOPS,
+                  mfu: float = DEFAULT_MFU) -> None:
     """Refuse machine figures no cluster has (before any model is built).
 
     Raises:
@@ -378,11 +411,17 @@ def check_machine(nodes: int, gpus_per_node: int, gpu_memory_gb: float, reserve_
         raise PlanError(f"--reserve-gb {reserve_gb}: must be a number of GiB >= 0")
     if svd_gflops is not None and (not math.isfinite(svd_gflops) or svd_gflops <= 0):
         raise PlanError(f"--svd-gflops {svd_gflops}: must be a positive throughput in Gflop/s")
+    if not math.isfinite(peak_tflops) or peak_tflops <= 0:
+        raise PlanError(f"--peak-tflops {peak_tflops}: must be one GPU's positive bf16 peak in TFLOP/s "
+                        "(989 for an H100 SXM)")
+    if not math.isfinite(mfu) or not 0 < mfu <= 1:
+        raise PlanError(f"--mfu {mfu}: must be a fraction in (0, 1], e.g. 0.4")
 
 
 def plan_run(cfg: RunConfig, nodes: int, gpus_per_node: int, *, gpu_memory_gb: float = 80.0,
              svd_gflops: float | None = None, model_config: str | Path | None = None,
-             reserve_gb: float = 2.0, all_trainable: bool = False, compare_deepspeed: bool = True) -> Plan:
+             reserve_gb: float = 2.0, all_trainable: bool = False, compare_deepspeed: bool = True,
+             peak_tflops: float = DEFAULT_PEAK_TFLOPS, mfu: float = DEFAULT_MFU) -> Plan:
     """Build the meta model with DuDe shells and work out memory and the init plan.
 
     Args:
@@ -396,14 +435,16 @@ def plan_run(cfg: RunConfig, nodes: int, gpus_per_node: int, *, gpu_memory_gb: f
         reserve_gb: fixed allowance for CUDA context, NCCL and allocator slack (GiB).
         all_trainable: count every parameter as trainable (DeepSpeed estimator's mode).
         compare_deepspeed: also report DeepSpeed's estimate (imports deepspeed).
+        peak_tflops: one GPU's dense bf16 peak, for the step time.
+        mfu: the model FLOPs utilisation assumed for the step time.
 
     Raises:
         PlanError: the model facts cannot be found or read, or a machine figure is out of
-            range (``nodes``/``gpus_per_node`` below 1, a GPU memory, reserve or SVD
-            throughput that is not a positive number).
+            range (``nodes``/``gpus_per_node`` below 1, a GPU memory, reserve, SVD
+            throughput or peak that is not a positive number, an MFU outside (0, 1]).
         ValueError: the targets match nothing.
     """
-    check_machine(nodes, gpus_per_node, gpu_memory_gb, reserve_gb, svd_gflops)
+    check_machine(nodes, gpus_per_node, gpu_memory_gb, reserve_gb, svd_gflops, peak_tflops, mfu)
     world = nodes * gpus_per_node
     batch_layout(cfg.train, world)  # a global batch the world cannot split is an error here too
     facts_path = find_model_facts(cfg.model.name_or_path, model_config)
@@ -443,6 +484,9 @@ def plan_run(cfg: RunConfig, nodes: int, gpus_per_node: int, *, gpu_memory_gb: f
     }
 
     layout = batch_layout(cfg.train, world)
+    step = step_estimate(FlopModel.from_model(model, cfg.train.gradient_checkpointing),
+                         layout.global_batch_size * cfg.data.max_seq_len, cfg.data.max_seq_len,
+                         world * layout.grad_accum, world, peak_tflops, mfu)
     traffic = gather_traffic(b * base_params, nodes, gpus_per_node, layout.grad_accum,
                              3 if cfg.train.gradient_checkpointing else 2)
 
@@ -457,7 +501,8 @@ def plan_run(cfg: RunConfig, nodes: int, gpus_per_node: int, *, gpu_memory_gb: f
         base_params=base_params, total_params=total, trainable_params=trainable,
         trainable_closed_form=trainable_closed_form(shapes, rank), targets=len(shapes),
         largest_module_params=largest, zero_stage=ds.zero_stage, memory=memory,
-        gpu_memory_bytes=int(gpu_memory_gb * GIB), init=init_dict, all_trainable=comparison, traffic=traffic)
+        gpu_memory_bytes=int(gpu_memory_gb * GIB), init=init_dict, all_trainable=comparison, traffic=traffic,
+        step=step)
 
 
 def format_plan(plan: Plan) -> str:
@@ -485,7 +530,7 @@ def format_plan(plan: Plan) -> str:
     if "deepspeed_model_states" in cmp:
         line += f", DeepSpeed's estimator {cmp['deepspeed_model_states'] / GIB:.2f} GiB (ratio {cmp['ratio']:.3f})"
     secs = init["seconds_per_rank"]
-    t = plan.traffic
+    t, st = plan.traffic, plan.step
     lines += [
         line,
         f"checkpoint: {plan.checkpoint_bytes / 1e6:.0f} MB (fp32 masters, Adam moments and DuDe tensors; "
@@ -494,6 +539,10 @@ def format_plan(plan: Plan) -> str:
         f"passes): {t['flat']['total'] / 1e9:.1f} GB, {t['flat']['inter_node'] / 1e9:.1f} GB across nodes; with "
         f"hpz_partition_size={plan.gpus_per_node}: {t['hpz']['total'] / 1e9:.1f} GB, 0 across nodes"
         + (f", +{t['hpz_extra_bytes_per_gpu'] / GIB:.2f} GiB per GPU" if plan.nodes > 1 else " (one node: no gain)"),
+        f"step: {st['tokens_per_step']:,} tokens (global batch x max_seq_len), {st['flops_per_step'] / 1e15:.1f} "
+        f"PFLOP of model FLOPs (a 6N count would say {st['six_n_flops_per_step'] / 1e15:.1f}); at MFU "
+        f"{100 * st['mfu']:.0f}% of {st['peak_tflops']:.0f} TFLOP/s per GPU: {st['step_seconds']:.2f} s per step, "
+        f"{st['tokens_per_s']:,.0f} tokens/s",
         f"init plan ({init['svd']} SVD, {init['svd_gflops']:.1f} Gflop/s {init['svd_gflops_source']}):",
         f"  layers per rank min/max {min(init['layers_per_rank'])}/{max(init['layers_per_rank'])}; "
         f"SVD seconds per rank min/max {min(secs):.1f}/{max(secs):.1f}",

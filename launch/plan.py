@@ -1,4 +1,5 @@
-"""Print what a run will need before it starts: parameters, per-GPU memory, SVD init plan.
+"""Print what a run will need before it starts: parameters, per-GPU memory, SVD init plan, and
+the step time at a stated GPU bf16 peak and MFU (``--peak-tflops``, ``--mfu``).
 
     python launch/plan.py --config configs/qwen32b.yaml --nodes 1 --gpus-per-node 8
     python launch/plan.py --config configs/llama70b.yaml --nodes 4 --gpus-per-node 8 --svd-gflops 20000 --json
@@ -26,6 +27,9 @@ def parse_args(argv=None):
                    help="SVD throughput of one GPU in Gflop/s (default: measure this machine's CPU)")
     p.add_argument("--model-config", default=None, help="a config.json (or its folder) to plan from")
     p.add_argument("--reserve-gb", type=float, default=2.0, help="CUDA context/NCCL/slack allowance in GiB")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="one GPU's dense bf16 peak in TFLOP/s, for the step time (default 989: H100/H200 SXM)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the step time")
     p.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's estimator comparison")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     return p.parse_args(argv)
@@ -44,7 +48,8 @@ def main(argv=None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             plan = plan_run(cfg, args.nodes, args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb,
                             svd_gflops=args.svd_gflops, model_config=args.model_config,
-                            reserve_gb=args.reserve_gb, compare_deepspeed=not args.no_deepspeed)
+                            reserve_gb=args.reserve_gb, compare_deepspeed=not args.no_deepspeed,
+                            peak_tflops=args.peak_tflops, mfu=args.mfu)
         print(json.dumps(plan.to_dict(), indent=1) if args.json else format_plan(plan))
 
     return run_cli(body)

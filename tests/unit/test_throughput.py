@@ -94,3 +94,39 @@ def test_throughput_scalars():
     assert out["train/mfu"] == 0.002
     assert "train/mfu" not in throughput_scalars(8e12, 3000, 3000, 2.0, 2, None)
     assert throughput_scalars(8e12, 3000, 3000, 2.0, 2, None)["train/padding_ratio"] == 0.0
+
+
+def test_the_planner_states_step_time_at_a_given_peak_and_mfu(stories_path):
+    from dude_dist.config import load_config
+    from dude_dist.planner import format_plan, plan_run
+
+    cfg = load_config(None, [f"model.name_or_path={stories_path}", "model.dtype=float32", "adapter.rank=4",
+                             "data.max_seq_len=128", "train.micro_batch_size=2", "train.global_batch_size=8"])
+    plan = plan_run(cfg, 1, 2, svd_gflops=1.0, compare_deepspeed=False, peak_tflops=100.0, mfu=0.5)
+    step = plan.step
+    fm = FlopModel.from_model(stories_dude(stories_path), checkpointing=True)
+    assert step["tokens_per_step"] == 8 * 128
+    # 2 ranks x 2 accumulation steps = 4 forward passes; attention over whole 128-token rows
+    assert step["flops_per_step"] == pytest.approx(fm.step_flops(8 * 128, 8 * 128 * 128, passes=4))
+    assert step["step_seconds"] == pytest.approx(step["flops_per_step"] / (2 * 100e12 * 0.5))
+    assert step["tflops_per_gpu"] == pytest.approx(50.0)
+    assert "at MFU 50% of 100 TFLOP/s per GPU" in format_plan(plan)
+    assert plan.to_dict()["step"] == step
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--mfu", "0"], r"--mfu 0.0: must be a fraction in \(0, 1\]"),
+    (["--mfu", "1.5"], r"--mfu 1.5: must be a fraction"),
+    (["--peak-tflops", "-1"], r"--peak-tflops -1.0: must be one GPU's positive bf16 peak"),
+])
+def test_plan_cli_refuses_an_impossible_peak_or_mfu(flags, message, capsys):
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("plan_cli", root / "launch" / "plan.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--config", str(root / "configs" / "qwen32b.yaml"), "--no-deepspeed", *flags]) == 2
+    assert re.search(message, capsys.readouterr().err)
