@@ -97,6 +97,7 @@ def test_randomized_factors_are_bitwise_reproducible_per_name_and_seed():
     # Pinned: a change of the derivation would silently change every cached randomized factor.
     assert layer_seed("layers.3.q_proj", 7) == 4735989351795661000
     assert layer_seed("") == 7812857082101331642
+    assert layer_seed("model.layers.0.self_attn.v_proj") == 8653765224161291501  # odd: all 63 bits count
     assert len({layer_seed("layers.3.q_proj", 7), layer_seed("layers.3.v_proj", 7), layer_seed("layers.3.q_proj", 8)}) == 3
 
 
