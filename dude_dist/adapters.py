@@ -78,9 +78,7 @@ def inject_dude(model: nn.Module, cfg: DudeConfig, names: list[str]) -> dict[str
         for pname in dude.adapter_params():
             setattr(dude, pname, nn.Parameter(torch.zeros_like(getattr(dude, pname), device=device)))
         dude.weight_sq_norm = torch.zeros_like(dude.weight_sq_norm, device=device)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, dude)
+        model.set_submodule(name, dude)
         layers[name] = dude
     return layers
 
@@ -146,7 +144,5 @@ def merge_dude(model: nn.Module) -> nn.Module:
         if layer.bias is not None:
             linear.bias.copy_(layer.bias)
         linear.requires_grad_(False)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, linear)
+        model.set_submodule(name, linear)
     return model
