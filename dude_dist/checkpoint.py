@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from dude_dist import comm
 from dude_dist.errors import CheckpointError, ConfigError, DudeError, TrainingError
@@ -140,7 +141,7 @@ def save_checkpoint(engine, root: str | Path, step: int, meta: dict, rank: int, 
             torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
         if write_extra is not None:
             write_extra(partial)
-    except (OSError, RuntimeError) as exc:  # torch reports a failed zip write as RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as exc:  # torch: RuntimeError; safetensors: its own
         failure = _write_failure(partial, exc)
     if _any_rank(bool(failure)):
         _abandon(partial, rank)

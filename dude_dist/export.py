@@ -393,7 +393,7 @@ def export_peft(cfg: RunConfig, checkpoint: str | Path, out_dir: str | Path, ove
     DuDe is exactly DoRA of rank ``2r``: ``W0 + [B, B0] [A; -A0] = W_f + B A`` (the residual is
     ``W_f = W0 - B0 A0``), with DuDe's magnitude ``m`` as DoRA's and scaling 1
     (``lora_alpha = r = 2 * rank``). ``PeftModel.from_pretrained(base, out_dir)`` then gives the
-    trained model with no dude_dist installed; the folder holds ``4 r (in + out) + out``
+    trained model with no dude_dist installed; the folder holds ``2 r (in + out) + out``
     numbers per adapted layer (``A0``, ``B0`` come from the run's factor cache). Needs no
     process group: it reads the checkpoint's files only.
 

@@ -97,10 +97,10 @@ def test_export_from_two_rank_zero3_run(tmp_path):
         peft_logits = peft_model(input_ids=torch.tensor(ids)).logits
     assert (peft_logits - plain).abs().max().item() <= 1e-4
     assert (peft_logits - dude_logits).abs().max().item() <= 1e-4
-    # 4 r (in + out) + out numbers per layer, nothing else.
+    # A, A0 [r, in], B, B0 [out, r] and m [out]: 2 r (in + out) + out numbers per layer, nothing else.
     from safetensors.torch import load_file as load_tensors
 
     stored = load_tensors(str(adapter / "adapter_model.safetensors"))
-    per_layer = {n: 4 * 4 * (layer.in_features + layer.out_features) + layer.out_features
+    per_layer = {n: 2 * 4 * (layer.in_features + layer.out_features) + layer.out_features
                  for n, layer in layers.items()}
     assert sum(t.numel() for t in stored.values()) == sum(per_layer.values())
