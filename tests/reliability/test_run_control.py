@@ -141,3 +141,17 @@ def test_sigterm_to_the_deepspeed_command_alone_stops_the_ranks(tmp_path):
     stopped = summary(out)
     assert stopped["stopped"] is True and stopped["end_step"] < 400
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{stopped['end_step']:08d}"
+
+
+def test_master_port_in_use_is_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = train(tmp_path / "run", "train.max_steps=1", check=False, timeout=120, MASTER_PORT=str(port))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"master port {port} on 127.0.0.1 is already in use" in errors[0], proc.stderr[-3000:]
+    assert "MASTER_PORT=N" in errors[0] and "Traceback" not in proc.stderr

@@ -46,3 +46,17 @@ def test_stage2_on_several_ranks_is_refused_when_the_whole_model_does_not_fit():
     stage3 = _cfg("model.name_or_path=meta-llama/Llama-2-70b-hf", "model.dtype=bfloat16")
     check_replicated_model_fits(stage3, 64, 8, 64 * GIB, 80 * GIB)  # partitioned: never refused here
     check_replicated_model_fits(llama, 1, 1, 64 * GIB, None)  # one process: the planner's business
+
+
+def test_a_merged_model_too_big_for_one_gpu_is_refused_with_advice(tmp_path, monkeypatch):
+    import torch
+
+    from dude_dist.evaluate import check_fits_one_device
+
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 4096)
+    check_fits_one_device(tmp_path, torch.device("cpu"))  # the host: nothing to check
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 4000}))
+    with pytest.raises(ConfigError, match=r"do not fit one GPU.*deepspeed --num_gpus 8 launch/evaluate.py"):
+        check_fits_one_device(tmp_path, torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 10**6}))
+    check_fits_one_device(tmp_path, torch.device("cuda", 0))
