@@ -11,6 +11,11 @@ so the step never waits on the GPU for a count.
 With ``logits_to_keep`` the model computes logits only from the first labelled position
 of the batch on: prompt positions carry no loss, and the LM head over a large vocabulary
 is a sizeable share of a step's work and memory.
+
+Packed rows (:func:`dude_dist.data.pack_dataset`) reach the model with ``position_ids``
+that restart at every sample and without ``attention_mask``, plus the samples' cumulative
+lengths for variable-length attention (:mod:`dude_dist.attention`, flash attention): each
+sample attends only to itself, so the summed loss is the padded batch's.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from dude_dist.attention import packed_lengths_on_host
 
 IGNORE_INDEX = -100
 
@@ -42,7 +49,7 @@ class LossInputs:
         first: first labelled target position (``logits_to_keep`` starts there), or None to
             compute logits everywhere.
         forward_kwargs: further keyword arguments of the model call (packed rows:
-            ``use_cache=False`` and, for flash attention, the cumulative sequence lengths).
+            ``use_cache=False`` and, but for ``eager``, the cumulative sequence lengths).
     """
 
     tensors: dict[str, torch.Tensor]
@@ -53,11 +60,16 @@ class LossInputs:
 
 
 def varlen_kwargs(position_ids: torch.Tensor, device: torch.device | str | None = None) -> dict[str, Any]:
-    """Flash attention's varlen arguments for packed rows, computed on the host.
+    """Variable-length attention arguments for packed rows, computed on the host.
 
     The rows ``[batch, seq]`` are read as one flattened sequence of ``batch * seq`` tokens
     cut wherever a position restarts at 0 (each sample, and the padding after the last one),
-    so the kernel never needs a device-to-host read to learn the lengths.
+    so the attention never needs a device-to-host read to learn the lengths.
+
+    Args:
+        position_ids: from :func:`dude_dist.data.collate_batch`, on the host.
+        device: where ``cu_seq_lens_*`` go: the GPU for flash attention's kernels, None to
+            keep them on the host (:func:`dude_dist.attention.packed_sdpa_forward` slices there).
     """
     flat = position_ids.reshape(-1)
     starts = (flat == 0).nonzero().reshape(-1)
@@ -69,7 +81,7 @@ def varlen_kwargs(position_ids: torch.Tensor, device: torch.device | str | None 
 
 
 def loss_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | None = None,
-                keep_logits: bool = True, varlen: bool = False) -> LossInputs:
+                keep_logits: bool = True, attn_implementation: str = "sdpa") -> LossInputs:
     """Count targets and tokens and find the first label on the host, then move ``batch``.
 
     Args:
@@ -77,8 +89,10 @@ def loss_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | Non
             too, at the price of a sync).
         device: where the model runs (None: leave the tensors where they are).
         keep_logits: compute logits only from the first labelled position on.
-        varlen: packed rows also carry flash attention's cumulative sequence lengths
-            (:func:`varlen_kwargs`); for ``flash_attention_2``.
+        attn_implementation: ``model.attn_implementation``; packed rows carry the
+            cumulative sequence lengths (:func:`varlen_kwargs`) on the host for ``sdpa``, on
+            ``device`` for ``flash_attention_2``, and none for ``eager`` (transformers'
+            block-diagonal mask).
     """
     targets = batch["labels"][:, 1:] != IGNORE_INDEX
     first = None
@@ -93,8 +107,9 @@ def loss_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | Non
     forward_kwargs: dict[str, Any] = {}
     if packed:
         forward_kwargs["use_cache"] = False  # with a cache transformers does not look for packed sequences
-        if varlen:
-            forward_kwargs.update(varlen_kwargs(batch["position_ids"], device))
+        if attn_implementation != "eager":
+            on_host = packed_lengths_on_host(attn_implementation)
+            forward_kwargs.update(varlen_kwargs(batch["position_ids"], None if on_host else device))
     return LossInputs(tensors=moved, targets=int(targets.sum()), tokens=int(batch["attention_mask"].sum()),
                       first=first, forward_kwargs=forward_kwargs)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from dude_dist.attention import model_attn_implementation
 from dude_dist.config import ModelConfig, attn_implementation_problem
 from dude_dist.errors import ModelLoadError
 
@@ -364,7 +365,7 @@ def load_model(cfg: ModelConfig):
         raise ModelLoadError(problem)
     path, kwargs = _source(cfg, convert=False)
     _check_causal_config(cfg, path, kwargs)
-    kwargs["attn_implementation"] = cfg.attn_implementation
+    kwargs["attn_implementation"] = model_attn_implementation(cfg.attn_implementation)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), **kwargs)
     except (OSError, SafetensorError) as exc:  # no weights, a damaged file (checked earlier; this is the backstop)

@@ -213,12 +213,11 @@ class Trainer:
 
     def batches(self, step: int) -> list[LossInputs]:
         """This rank's micro-batches for optimizer step ``step`` (0-based), counted on the host
-        and then moved to the device. Packed rows carry per-sample ``position_ids`` (and, for
-        flash attention, the cumulative sequence lengths)."""
-        pad = self.tokenizer.pad_token_id
-        varlen = self.cfg.model.attn_implementation.startswith("flash")
+        and then moved to the device. Packed rows carry per-sample ``position_ids`` and the
+        samples' cumulative lengths for variable-length attention (:mod:`dude_dist.attention`)."""
+        pad, attn = self.tokenizer.pad_token_id, self.cfg.model.attn_implementation
         return [loss_inputs(collate_batch([self.train_set[i] for i in indices], pad), self.device, self._keep_logits,
-                            varlen=varlen)
+                            attn_implementation=attn)
                 for indices in self.sampler.micro_batches(step, self.rank)]
 
     def global_counts(self, step: int) -> tuple[int, int]:

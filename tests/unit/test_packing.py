@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dude_dist import DudeConfig, apply_dude
 from dude_dist.adapters import get_dude_layers
+from dude_dist.attention import PACKED_SDPA, model_attn_implementation
 from dude_dist.config import BatchLayout, DataConfig, ModelConfig, attn_implementation_problem
 from dude_dist.data import build_datasets, collate_batch, pack_lengths, position_ids_of
 from dude_dist.errors import ConfigError
@@ -130,7 +131,7 @@ def test_collate_packed_rows_restart_positions_per_sample():
 def test_packed_rows_go_to_the_model_with_positions_and_no_mask():
     rows = [{"input_ids": [1, 5, 6, 1, 7], "labels": [-100, 5, 6, -100, 7], "seq_lens": [3, 2]},
             {"input_ids": [1, 8], "labels": [-100, 8], "seq_lens": [2]}]
-    inputs = loss_inputs(collate_batch(rows, 0), varlen=True)
+    inputs = loss_inputs(collate_batch(rows, 0), attn_implementation="flash_attention_2")
     assert sorted(inputs.tensors) == ["input_ids", "labels", "position_ids"]
     assert inputs.targets == 4 and inputs.tokens == 7
     assert inputs.forward_kwargs["use_cache"] is False
@@ -138,7 +139,12 @@ def test_packed_rows_go_to_the_model_with_positions_and_no_mask():
     assert inputs.forward_kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5, 7, 10]
     assert inputs.forward_kwargs["cu_seq_lens_q"].dtype == torch.int32
     assert inputs.forward_kwargs["max_length_q"] == inputs.forward_kwargs["max_length_k"] == 3
-    assert "cu_seq_lens_q" not in loss_inputs(collate_batch(rows, 0)).forward_kwargs
+    # sdpa slices on the host; eager gets transformers' block-diagonal mask instead
+    on_meta = loss_inputs(collate_batch(rows, 0), "meta")  # sdpa: the batch moves, the lengths do not
+    assert on_meta.tensors["input_ids"].is_meta and on_meta.forward_kwargs["cu_seq_lens_q"].device.type == "cpu"
+    assert loss_inputs(collate_batch(rows, 0), "meta", attn_implementation="flash_attention_2"
+                       ).forward_kwargs["cu_seq_lens_q"].is_meta
+    assert "cu_seq_lens_q" not in loss_inputs(collate_batch(rows, 0), attn_implementation="eager").forward_kwargs
     padded = loss_inputs(collate_batch([{"input_ids": [1, 2], "labels": [-100, 2]}], 0))
     assert sorted(padded.tensors) == ["attention_mask", "input_ids", "labels"] and padded.forward_kwargs == {}
     assert varlen_kwargs(torch.tensor([[0, 1, 2, 3]]))["cu_seq_lens_k"].tolist() == [0, 4]
@@ -149,12 +155,13 @@ def test_packed_rows_go_to_the_model_with_positions_and_no_mask():
 
 def dude_model(stories_path, attn: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(stories_path, dtype=torch.float32, attn_implementation=attn)
+    model = AutoModelForCausalLM.from_pretrained(stories_path, dtype=torch.float32,
+                                                 attn_implementation=model_attn_implementation(attn))
     apply_dude(model, DudeConfig(targets=("q_proj", "v_proj"), rank=4))
     return model.train()
 
 
-def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+def token_losses(model, batch: dict, attn: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """Summed loss through summed_loss, the per-target losses ``[batch, seq-1]`` (0 where
     unlabelled), the logits, and the DuDe gradients of (summed loss / targets)."""
     model.zero_grad()
@@ -165,7 +172,7 @@ def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.
         seen["logits"] = out.logits
         return out
 
-    inputs = loss_inputs(batch, keep_logits=False)
+    inputs = loss_inputs(batch, keep_logits=False, attn_implementation=attn)
     total = summed_loss(forward, inputs)
     (total / inputs.targets).backward()
     logits = seen["logits"][:, :-1]
@@ -188,12 +195,12 @@ def test_one_packed_row_gives_the_losses_and_gradients_of_the_padded_batch(stori
            "labels": [IGNORE_INDEX if j == 0 else t for s in samples for j, t in enumerate(s["labels"])],
            "seq_lens": lengths}
     packed = collate_batch([row], pad_token_id=0)
-    total_p, per_p, _, grads_p = token_losses(model, padded)
-    total_k, per_k, _, grads_k = token_losses(model, packed)
+    total_p, per_p, _, grads_p = token_losses(model, padded, attn)
+    total_k, per_k, _, grads_k = token_losses(model, packed, attn)
     start = 0
     for i, n in enumerate(lengths):  # target t of sample i sits at packed position start + t
-        # sdpa's CPU kernel sums a long sample in other blocks when it sits in a row: 1e-5,
-        # absolute and relative, is float32 rounding (eager agrees bit for bit)
+        # sdpa runs a sample in a row through another kernel call than in the padded batch:
+        # 1e-5, absolute and relative, is float32 rounding (eager agrees bit for bit)
         assert torch.allclose(per_k[0, start:start + n - 1], per_p[i, :n - 1], atol=1e-5, rtol=1e-5)
         start += n
     assert per_k.count_nonzero() == per_p.count_nonzero() > 0
@@ -217,10 +224,10 @@ def test_no_logit_changes_when_an_unrelated_sample_is_packed_beside(stories_path
 
     n_a, n_b = len(a["input_ids"]), len(b["input_ids"])
     with torch.no_grad():
-        alone = token_losses_logits(model, collate_batch([row(a)], 0))[0, :n_a]
-        after_b = token_losses_logits(model, collate_batch([row(b, a)], 0))[0, n_b:n_b + n_a]
-        before_c = token_losses_logits(model, collate_batch([row(a, c)], 0))[0, :n_a]
-        beside = token_losses_logits(model, collate_batch([row(b, a, c), row(c)], 0))[0, n_b:n_b + n_a]
+        alone = token_losses_logits(model, attn, collate_batch([row(a)], 0))[0, :n_a]
+        after_b = token_losses_logits(model, attn, collate_batch([row(b, a)], 0))[0, n_b:n_b + n_a]
+        before_c = token_losses_logits(model, attn, collate_batch([row(a, c)], 0))[0, :n_a]
+        beside = token_losses_logits(model, attn, collate_batch([row(b, a, c), row(c)], 0))[0, n_b:n_b + n_a]
     for other in (after_b, before_c, beside):
         assert (other - alone).abs().max() < 1e-4
     # Without position_ids the same row lets a's tokens attend to b's: their logits change.
@@ -228,7 +235,33 @@ def test_no_logit_changes_when_an_unrelated_sample_is_packed_beside(stories_path
     assert (crossed[0, n_b:n_b + n_a] - alone).abs().max() > 1e-2
 
 
-def token_losses_logits(model, batch: dict) -> torch.Tensor:
+def test_sdpa_runs_each_packed_sample_on_its_own(stories_path, gsm8k, monkeypatch):
+    plain, _ = gsm8k
+    a, b, c = (plain.train[i] for i in range(3))
+    model = dude_model(stories_path, "sdpa")
+    assert model.config._attn_implementation == PACKED_SDPA
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(q, k, v, **kwargs):
+        calls.append((q.shape[2], k.shape[2], kwargs.get("is_causal"), kwargs.get("attn_mask")))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    rows = [{"input_ids": a["input_ids"] + b["input_ids"], "labels": a["labels"] + b["labels"],
+             "seq_lens": [len(a["input_ids"]), len(b["input_ids"])]},
+            {"input_ids": c["input_ids"], "labels": c["labels"], "seq_lens": [len(c["input_ids"])]}]
+    batch = collate_batch(rows, 0)
+    with torch.no_grad():
+        token_losses_logits(model, "sdpa", batch)
+    n_a, n_b, n_c = (len(s["input_ids"]) for s in (a, b, c))
+    width = batch["input_ids"].shape[1]
+    per_layer = [n_a, n_b] + [n_c] + ([width - n_c] if width > n_c else [])  # row 2's padding is its own
+    assert [(q, k, causal, mask) for q, k, causal, mask in calls] == [
+        (n, n, True, None) for n in per_layer] * model.config.num_hidden_layers
+
+
+def token_losses_logits(model, attn: str, batch: dict) -> torch.Tensor:
     seen = {}
 
     def forward(**kwargs):
@@ -236,7 +269,7 @@ def token_losses_logits(model, batch: dict) -> torch.Tensor:
         seen["logits"] = out.logits
         return out
 
-    summed_loss(forward, loss_inputs(batch, keep_logits=False))
+    summed_loss(forward, loss_inputs(batch, keep_logits=False, attn_implementation=attn))
     return seen["logits"]
 
 
