@@ -262,4 +262,10 @@ def test_loss_inputs_count_on_the_host_and_keep_logits_from_the_first_label(stor
         short = summed_loss(forward, inputs)
         full = summed_loss(forward, loss_inputs(batch, keep_logits=False))
     assert kept == [10 - 3, None]  # logits for the positions from the first label on, then all
+    from dude_dist.loss import token_loss_sum
+
+    with torch.no_grad():
+        assert token_loss_sum(forward, batch)[1] == 10 and kept[-1] == 10 - 3  # the default keeps them too
+        token_loss_sum(forward, batch, keep_logits=False)
+        assert kept[-1] is None
     assert short.item() == pytest.approx(full.item(), rel=1e-6)

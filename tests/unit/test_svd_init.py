@@ -218,3 +218,14 @@ def test_measured_svd_throughput_is_a_plausible_rate():
     for method in ("exact", "randomized"):
         rate = measure_svd_gflops(16, method, size=128)
         assert 0.1 < rate < 1e4, (method, rate)
+
+
+@pytest.mark.parametrize(("method", "kwargs"), [("exact", {}), ("randomized", {"oversample": 4, "niter": 1})])
+def test_measured_svd_throughput_is_cost_over_the_timed_seconds(monkeypatch, method, kwargs):
+    from dude_dist.svd_init import measure_svd_gflops
+
+    clock = iter([100.0, 102.5])  # the timed factorisation takes 2.5 s
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    rate = measure_svd_gflops(8, method, size=64, **kwargs)
+    want = svd_cost(64, 64, 8, method, oversample=kwargs.get("oversample", 8), niter=kwargs.get("niter", 2))
+    assert rate == want / 2.5 / 1e9
