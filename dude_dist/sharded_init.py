@@ -8,10 +8,10 @@ Every rank runs the same steps over the same deterministic plan:
    ``W0``; the owner alone receives the whole matrix (``gather``, not ``all_gather``).
 3. **Factor** on the owner, in float32. Layers go in rounds, one per rank, so every rank
    factorises at the same time (:meth:`InitPlan.rounds`).
-4. **Broadcast factors**: ``A0 [r, in]``, ``B0 [out, r]``, ``m0 [out]`` - that is
-   ``r * (in + out) + out`` numbers instead of the ``out * in`` of the residual.
-   Every rank then subtracts ``B0 A0`` from *its own shard* of ``W0``, which is the
-   same residual as broadcasting ``W0 - B0 A0`` would give.
+4. **Broadcast factors**: ``A0 [r, in]``, ``B0 [out, r]`` - that is ``r * (in + out)``
+   numbers instead of the ``out * in`` of the residual. Every rank then subtracts
+   ``B0 A0`` from *its own shard* of ``W0``, which is the same residual as broadcasting
+   ``W0 - B0 A0`` would give, and ``m0`` follows from one all-reduce of ``out`` numbers.
 5. **Cache** the factors (safetensors) so a restart or a resume does no SVD at all.
 
 Without ZeRO-3 a "shard" is the whole weight; with one process there is no

@@ -284,6 +284,16 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
     errors = re.findall(r"^error: (.*)$", text, re.MULTILINE)
     # Both ranks raise the same error; torchrun may kill one before it prints, so one or two lines.
     assert 1 <= len(errors) <= 2 and len(set(errors)) == 1, text[-4000:]
+    # The poisoned micro-batch: the last one of rank 1 at step 7, by an independent rebuild of the data order.
+    from dude_dist.config import batch_layout, load_config
+    from dude_dist.data import build_datasets
+    from dude_dist.models import load_tokenizer
+    from dude_dist.sampler import StepSampler
+
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [f"output_dir={out}"])
+    train_set = build_datasets(cfg.data, load_tokenizer(cfg.model)).train
+    bad = sorted(StepSampler(len(train_set), batch_layout(cfg.train, 2), cfg.train.seed).micro_batches(6, 1)[-1])
+    assert errors[0].startswith(f"non-finite loss at step 7 in training samples {bad}: "), (bad, errors[0])
     assert re.match(r"non-finite loss at step 7 in training samples \[\d+, \d+\]: 3 steps in a row skipped "
                     r"\(steps 5-7\), train.max_nonfinite_steps=3", errors[0]), errors[0]
     assert "step_00000004" in errors[0]

