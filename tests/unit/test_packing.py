@@ -19,7 +19,14 @@ from dude_dist import DudeConfig, apply_dude
 from dude_dist.adapters import get_dude_layers
 from dude_dist.attention import PACKED_SDPA, model_attn_implementation
 from dude_dist.config import BatchLayout, DataConfig, ModelConfig, attn_implementation_problem
-from dude_dist.data import build_datasets, collate_batch, pack_lengths, position_ids_of
+from dude_dist.data import (
+    build_datasets,
+    collate_batch,
+    pack_dataset,
+    pack_lengths,
+    position_ids_of,
+    row_counts,
+)
 from dude_dist.errors import ConfigError
 from dude_dist.loss import IGNORE_INDEX, loss_inputs, summed_loss, varlen_kwargs
 from dude_dist.sampler import StepSampler
@@ -94,6 +101,16 @@ def test_packed_rows_hold_whole_samples_with_their_targets(gsm8k):
     assert packed.counts.tokens.sum() == plain.counts.tokens.sum() == plain.stats["tokens"]
     lengths = np.array([len(s["input_ids"]) for s in samples])
     assert packed.counts.square_lengths.sum() == (lengths ** 2).sum()
+
+
+def test_a_packed_sample_is_no_target_at_its_first_token():
+    # In a padded batch a sample's first token is never a target; in a row it would be the
+    # target of the previous sample's last token, so packing unlabels it.
+    ds = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7], [8, 9]], "labels": [[5, 6, 7], [8, 9]]})
+    packed, stats = pack_dataset(ds, 8)
+    assert stats == {"rows": 1, "fill": 5 / 8}
+    assert packed[0] == {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, -100, 9], "seq_lens": [3, 2]}
+    assert row_counts(packed).targets.tolist() == [3] == [row_counts(ds).targets.sum()]
 
 
 def test_row_counts_match_what_the_loss_counts(gsm8k):
