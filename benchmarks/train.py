@@ -3,6 +3,7 @@
     python benchmarks/train.py                          # both model sizes, one run each (~5 min, 2 idle cores)
     python benchmarks/train.py --repeats 3              # medians of 3 rounds (a shared machine)
     python benchmarks/train.py --sizes stories260K      # the real tiny model only (~2 min)
+    python benchmarks/train.py --packing                # dude_dist packed vs padded at max_seq_len 1024 (~12 min)
 
 Three systems, each launched with ``torchrun --nproc_per_node 2`` (one thread per rank),
 DeepSpeed ZeRO-3 with the same config (``dude_dist.zero.build_ds_config`` of the same run
@@ -23,6 +24,15 @@ Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864, q/k
 tied embeddings) with the vocabulary cut to 32768 (the stories tokenizer uses ids < 512),
 for a GPU. ``--nproc`` and ``--dtype`` set the ranks and the precision (a GPU run:
 ``--nproc 1 --dtype bfloat16 --sizes qwen0.5b-v32k``; NCCL whenever CUDA is present).
+
+``--packing`` compares dude_dist with itself on GSM8K at ``max_seq_len`` 1024 (same 2 ranks,
+ZeRO-3, fp32, rank 4, checkpointing): ``padded`` (micro-batches of 2 random samples padded
+to the longer), ``grouped`` (the same with ``data.group_by_length``) and ``packed``
+(``data.packing``: micro-batches of 2 rows of up to 1024 tokens, each holding whole samples
+that attend only to themselves). Every mode has micro-batches of at most 2 x 1024 tokens
+(the activation memory a run at that ``max_seq_len`` must plan for) and a global batch of
+4 (samples, or rows); it reports real tokens/s, the padding ratio, the packing fill ratio
+and the loss curves side by side.
 
 Measured: tokens/s in steady state (sum of non-padding tokens over the steps after the
 first ``--skip``, divided by the sum of their step seconds), start-up and init seconds,
@@ -152,10 +162,11 @@ def launch(cmd: list[str], log: Path, timeout: float) -> tuple[float, int, int]:
     return time.perf_counter() - t0, peak_sum, peak_one
 
 
-def run_dude(model: Path, out: Path, steps: int, timeout: float, nproc: int = 2, dtype: str = "float32") -> dict:
+def run_dude(model: Path, out: Path, steps: int, timeout: float, nproc: int = 2, dtype: str = "float32",
+             extra: tuple[str, ...] = ()) -> dict:
     overrides = [f"output_dir={out}", f"model.name_or_path={model}", f"train.max_steps={steps}",
                  "train.save_every=0", "data.eval_size=0", f"adapter.rank={RANK}", f"model.dtype={dtype}",
-                 f"data.sources=[{GSM8K_TRAIN}]"]
+                 f"data.sources=[{GSM8K_TRAIN}]", *extra]
     cmd = torchrun_cmd(nproc) + [str(ROOT / "benchmarks" / "_dude_train.py"), "--config", "configs/tiny_cpu.yaml",
                              "--resume", "none"]
     for item in overrides:
@@ -170,6 +181,7 @@ def run_dude(model: Path, out: Path, steps: int, timeout: float, nproc: int = 2,
         "step_seconds": [r["train/step_time_s"] for r in steps_rows],
         "step_cpu_seconds_per_rank": cpu,
         "tokens_per_step": [round(r["train/tokens_per_s"] * r["train/step_time_s"]) for r in steps_rows],
+        "padding_ratio": [r.get("train/padding_ratio") for r in steps_rows],
         "losses": summary["losses"], "load_seconds": timing["load_seconds"],
         "adapter_init_seconds": timing["inject_and_init_seconds"], "init_wall_seconds": summary["init"]["wall_seconds"],
         "startup_seconds": summary["startup_seconds"], "trainable_params": summary["init"]["trainable_params"],
@@ -196,10 +208,101 @@ def steady(rec: dict, skip: int) -> tuple[float, float, float]:
     return sum(toks) / sum(secs), statistics.median(secs), sum(toks) / sum(cpu)
 
 
+PACKING_MODES = {
+    "padded": (),
+    "grouped": ("data.group_by_length=true",),
+    "packed": ("data.packing=true",),
+}
+PACKING_SEQ_LEN = 1024
+
+
+def fill_ratio(seed: int = 0) -> float:
+    """Real tokens over ``rows * max_seq_len`` of the packed training set the runs use."""
+    from transformers import AutoTokenizer
+
+    from dude_dist.config import load_config
+    from dude_dist.data import build_datasets
+
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [f"data.sources=[{GSM8K_TRAIN}]", "data.packing=true",
+                                                          f"data.max_seq_len={PACKING_SEQ_LEN}", "data.eval_size=0"])
+    return build_datasets(cfg.data, AutoTokenizer.from_pretrained(STORIES), seed=seed).stats["fill"]
+
+
+def packing_main(args: argparse.Namespace, work: Path, busy_at_start: float, t_start: float) -> int:
+    """Packed vs padded (and length-grouped) dude_dist runs, side by side."""
+    common = (f"data.max_seq_len={PACKING_SEQ_LEN}", "train.micro_batch_size=2", "train.global_batch_size=4",
+              "train.seed=0")
+    fill = fill_ratio(seed=0)
+    records: dict[str, dict[str, list[dict]]] = {}
+    tables = {}
+    for size in args.sizes:
+        if size == "stories260K":
+            model, skip = STORIES, args.skip
+        elif size == "qwen0.5b-v32k":
+            model, skip = build_qwen_shape(work / size), args.skip_large
+        else:
+            model, skip = build_llama_h512(work / "llama-h512-l4"), args.skip_large
+        steps = args.steps
+        runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+        for r in range(args.repeats):
+            order = args.modes[r % len(args.modes):] + args.modes[: r % len(args.modes)]
+            for mode in order:
+                out = work / f"packing-{size}-{mode}-{r}"
+                shutil.rmtree(out, ignore_errors=True)
+                busy = wait_for_quiet(timeout=args.wait_quiet)
+                rec = run_dude(model, out, steps, args.timeout, args.nproc, args.dtype,
+                               extra=common + PACKING_MODES[mode])
+                rec["tokens_per_s"], rec["median_step_s"], rec["tokens_per_cpu_s"] = steady(rec, skip)
+                rec["padding"] = statistics.mean(p for p in rec["padding_ratio"][skip:] if p is not None)
+                rec["skip"], rec["cpu_busy_before"] = skip, busy
+                runs[mode].append(rec)
+                print(f"{size} {mode} run {r} (CPU {busy:.0%} busy before): {rec['tokens_per_s']:.0f} real tok/s, "
+                      f"{rec['tokens_per_cpu_s']:.0f} tok/CPU-s, padding {rec['padding']:.1%}, "
+                      f"loss {rec['losses'][0]:.3f} -> {rec['losses'][-1]:.3f}", flush=True)
+        records[size] = runs
+        med = {mode: {key: statistics.median(run[key] for run in recs)
+                      for key in ("tokens_per_s", "tokens_per_cpu_s", "median_step_s", "padding")}
+               for mode, recs in runs.items()}
+        base = med.get("padded")
+        rows = []
+        for mode, m in med.items():
+            first = runs[mode][0]
+            rows.append([mode, m["tokens_per_s"], m["tokens_per_s"] / base["tokens_per_s"] if base else None,
+                         m["tokens_per_cpu_s"], m["tokens_per_cpu_s"] / base["tokens_per_cpu_s"] if base else None,
+                         m["padding"], fill if mode == "packed" else None, m["median_step_s"] * 1e3,
+                         statistics.median(first["tokens_per_step"][skip:]), first["losses"][0], first["losses"][-1]])
+        tables[f"{size}: {steps} steps, real tokens/s over steps {skip + 1}-{steps}, median of {args.repeats} run(s)"] = (
+            ["mode", "real tokens/s", "× padded", "real tokens/CPU-s", "× padded (CPU)", "padding ratio",
+             "fill ratio", "median step ms", "real tokens / step", "loss step 1", f"loss step {steps}"], rows)
+        curves = [[step + 1] + [runs[mode][0]["losses"][step] for mode in args.modes] for step in range(steps)]
+        tables[f"{size}: training loss per step (mean over the labelled tokens of each global batch)"] = (
+            ["step"] + list(args.modes), curves)
+    notes = [
+        "Goal: packed ≥ 1.5× padded real tokens/s.",
+        f"{args.nproc} ranks (torchrun), 1 thread each, gloo, DeepSpeed ZeRO-3, fp32, rank {RANK} on q_proj+v_proj, "
+        f"non-reentrant activation checkpointing, sdpa attention, GSM8K train (first 512 records), max_seq_len "
+        f"{PACKING_SEQ_LEN}; micro-batch 2 and global batch 4 in every mode (samples when padded, rows when packed).",
+        "real tokens = non-padding tokens (train/tokens_per_s); padding ratio = padding over the token slots the "
+        "model ran on (train/padding_ratio, steady steps); fill ratio = real tokens over rows x max_seq_len of the "
+        "whole packed set (best-fit decreasing). tokens/CPU-s: the same tokens over the busier rank's process CPU "
+        "seconds per step (steadier than wall time on a shared machine).",
+        "A packed step holds ~2.8x the samples of a padded step, so its loss curve averages more tokens per step; "
+        "the loss is the mean over the labelled tokens of the global batch in every mode, and a packed row gives "
+        "the loss and gradients of its samples padded (tests/unit/test_packing.py).",
+        "stories260K: real pretrained weights; llama-h512-l4: random weights (same tokenizer), for layer cost.",
+    ]
+    write_results(args.name, title=f"Packed vs padded training, {args.nproc} CPU ranks, ZeRO-3, max_seq_len "
+                                   f"{PACKING_SEQ_LEN}",
+                  settings={**vars(args), "cpu_busy_at_start": busy_at_start, "rank": RANK, "work_dir": str(work),
+                            "fill_ratio": fill, "seconds_total": time.perf_counter() - t_start},
+                  tables=tables, records=records, notes=notes, device="cpu")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["stories260K", "llama-h512-l4"], choices=SIZES)
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps for stories260K")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps for stories260K (every size with --packing)")
     p.add_argument("--steps-large", type=int, default=12, help="optimizer steps for llama-h512-l4 and qwen0.5b-v32k")
     p.add_argument("--skip", type=int, default=5, help="first steps left out of tokens/s (stories260K)")
     p.add_argument("--skip-large", type=int, default=3, help="first steps left out of tokens/s (the larger sizes)")
@@ -210,10 +313,15 @@ def main(argv=None) -> int:
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     p.add_argument("--work-dir", default=None, help="run folders (default: a temp dir)")
     p.add_argument("--timeout", type=float, default=600)
-    p.add_argument("--name", default="train")
+    p.add_argument("--name", default=None, help="results file stem (default: train, or train_packing)")
+    p.add_argument("--packing", action="store_true",
+                   help="compare dude_dist packed vs padded (and length-grouped) at max_seq_len 1024 instead")
+    p.add_argument("--modes", nargs="+", default=list(PACKING_MODES), choices=list(PACKING_MODES),
+                   help="with --packing: the modes to run")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="wait up to this long for an idle CPU before timing (and before each launch)")
     args = p.parse_args(argv)
+    args.name = args.name or ("train_packing" if args.packing else "train")
     busy_at_start = wait_for_quiet(timeout=args.wait_quiet)
     import torch
 
@@ -222,6 +330,8 @@ def main(argv=None) -> int:
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="dude_bench_train_"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    if args.packing:
+        return packing_main(args, work, busy_at_start, t_start)
 
     records: dict[str, dict[str, list[dict]]] = {}
     tables = {}
