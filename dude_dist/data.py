@@ -3,6 +3,8 @@
     sources (JSON / JSONL / Parquet / folder / hub id) --load_records--> records
     records --format (gsm8k, metamathqa, commonsense, alpaca, chat)--> (prompt, response)
     (prompt, response) --tokenise--> input_ids, labels (-100 on the prompt), eos appended
+    samples --pack (data.packing)--> rows of whole samples, seq_lens (best-fit decreasing)
+    samples or rows --collate_batch--> padded tensors (+ per-sample position_ids for rows)
 
 Tokenisation goes through ``Dataset.map`` with a fingerprint built from the source data,
 the format, ``max_seq_len``, the tokenizer and this file's source, so a second run reads
