@@ -170,8 +170,9 @@ class Trainer:
                 f"nothing to do: checkpoint {self.resume_from} is at step {self.start_step} and the run ends at step "
                 f"{self.total_steps} (train.max_steps / train.epochs); raise train.max_steps to train on, or start "
                 "over with --resume none")
-        logger.info("data: %d training samples, %d steps of %d (micro %d x accum %d x %d ranks)",
-                    len(self.train_set), self.total_steps, self.layout.global_batch_size,
+        logger.info("data: %d training %s, %d steps of %d (micro %d x accum %d x %d ranks)",
+                    len(self.train_set), "rows of packed samples" if cfg.data.packing else "samples",
+                    self.total_steps, self.layout.global_batch_size,
                     self.layout.micro_batch_size, self.layout.grad_accum, self.world)
 
     def _setup_engine(self):
