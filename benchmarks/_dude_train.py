@@ -40,7 +40,7 @@ def _timed(name, fn):
 
 def _output_dir(argv: list[str]) -> Path:
     """``output_dir`` of the run, read from ``--config`` and ``--set`` as the entry point reads it."""
-    from dude_dist.config import load_config
+    from dude_dist.config_loader import load_config
 
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--config", required=True)

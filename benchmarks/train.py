@@ -220,7 +220,7 @@ def fill_ratio(seed: int = 0) -> float:
     """Real tokens over ``rows * max_seq_len`` of the packed training set the runs use."""
     from transformers import AutoTokenizer
 
-    from dude_dist.config import load_config
+    from dude_dist.config_loader import load_config
     from dude_dist.data import build_datasets
 
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [f"data.sources=[{GSM8K_TRAIN}]", "data.packing=true",

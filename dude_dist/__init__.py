@@ -2,7 +2,8 @@
 of Hugging Face causal LMs with DeepSpeed ZeRO-3 and a rank-aware sharded SVD initialiser."""
 
 from dude_dist.adapters import dude_state_dict, load_dude_state_dict, merge_dude
-from dude_dist.config import DudeConfig, RunConfig, load_config
+from dude_dist.config import DudeConfig, RunConfig
+from dude_dist.config_loader import load_config
 from dude_dist.dude import DudeLinear
 from dude_dist.sharded_init import apply_dude
 

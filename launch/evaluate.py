@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     def body() -> None:
-        from dude_dist.config import load_config
+        from dude_dist.config_loader import load_config
         from dude_dist.evaluate import evaluate_run
 
         cfg = load_config(args.config, args.overrides)

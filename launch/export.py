@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     def body() -> None:
-        from dude_dist.config import load_config
+        from dude_dist.config_loader import load_config
         from dude_dist.distributed import init_distributed
         from dude_dist.export import (
             check_export_target,

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     from dude_dist.cli import run_cli
 
     def body() -> None:
-        from dude_dist.config import load_config
+        from dude_dist.config_loader import load_config
         from dude_dist.planner import format_plan, plan_run
 
         cfg = load_config(args.config, args.overrides)

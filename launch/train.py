@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     def body() -> None:
-        from dude_dist.config import load_config
+        from dude_dist.config_loader import load_config
         from dude_dist.trainer import main as train
 
         train(load_config(args.config, args.overrides), resume=args.resume, force_resume=args.force_resume)

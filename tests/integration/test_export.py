@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dude_dist.checkpoint import find_resume
-from dude_dist.config import load_config
+from dude_dist.config_loader import load_config
 from dude_dist.export import rebuild_model
 from tests.helpers import ROOT, launcher_cmd, proc_env, run, summary, train
 

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from dude_dist import checkpoint as ckpt_lib
-from dude_dist.config import load_config
+from dude_dist.config_loader import load_config
 from dude_dist.errors import CheckpointError, ConfigError, TrainingError
 from tests.helpers import ROOT, summary, train
 

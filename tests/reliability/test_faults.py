@@ -285,7 +285,8 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
     # Both ranks raise the same error; torchrun may kill one before it prints, so one or two lines.
     assert 1 <= len(errors) <= 2 and len(set(errors)) == 1, text[-4000:]
     # The poisoned micro-batch: the last one of rank 1 at step 7, by an independent rebuild of the data order.
-    from dude_dist.config import batch_layout, load_config
+    from dude_dist.config import batch_layout
+    from dude_dist.config_loader import load_config
     from dude_dist.data import build_datasets
     from dude_dist.models import load_tokenizer
     from dude_dist.sampler import StepSampler

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dude_dist.config import load_config
+from dude_dist.config_loader import load_config
 from dude_dist.errors import ConfigError, DataError, ModelLoadError, PlanError
 from tests.helpers import PY, ROOT, proc_env, require, run, train
 

@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dude_dist import DudeConfig, apply_dude
 from dude_dist.adapters import get_dude_layers
-from dude_dist.config import batch_layout, load_config
+from dude_dist.config import batch_layout
+from dude_dist.config_loader import load_config
 from dude_dist.loss import token_loss_sum
 from dude_dist.zero import build_ds_config
 

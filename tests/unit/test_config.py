@@ -14,15 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dude_dist.config import (
-    ConfigError,
-    DudeConfig,
-    RunConfig,
-    TrainConfig,
-    batch_layout,
-    config_to_dict,
-    load_config,
-)
+from dude_dist.config import ConfigError, DudeConfig, RunConfig, TrainConfig, batch_layout, config_to_dict
+from dude_dist.config_loader import load_config
 
 
 def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dude_dist.config import ConfigError, batch_layout, load_config
+from dude_dist.config import ConfigError, batch_layout
+from dude_dist.config_loader import load_config
 from dude_dist.evaluate import TASKS as EVAL_TASKS
 from dude_dist.planner import find_model_facts, load_model_facts
 

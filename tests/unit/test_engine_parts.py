@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from dude_dist.config import ConfigError, RunConfig, TrainConfig, batch_layout, load_config
+from dude_dist.config import ConfigError, RunConfig, TrainConfig, batch_layout
+from dude_dist.config_loader import load_config
 from dude_dist.distributed import discover_env, expand_slurm_nodelist
 from dude_dist.sampler import StepSampler
 from dude_dist.zero import build_ds_config

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dude_dist.config import DudeConfig, load_config
+from dude_dist.config import DudeConfig
+from dude_dist.config_loader import load_config
 from dude_dist.planner import (
     PlanError,
     activation_bytes,
@@ -164,13 +165,15 @@ def test_plan_of_a_local_model_fits_or_not_by_gpu_memory(stories_path):
 
 
 def test_plan_cli_prints_json_with_expected_keys():
+    # 32 GPUs need a global batch of at least 32 packed rows (the config is sized for 8 or 16).
     cmd = [sys.executable, "launch/plan.py", "--config", "configs/qwen32b.yaml", "--nodes", "4",
-           "--gpus-per-node", "8", "--svd-gflops", "20000", "--json"]
+           "--gpus-per-node", "8", "--svd-gflops", "20000", "--json", "--set", "train.global_batch_size=32"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     for key in ("model", "world_size", "base_params", "total_params", "trainable_params",
-                "trainable_closed_form", "memory", "init", "all_trainable", "gpu_memory_bytes", "fits"):
+                "trainable_closed_form", "memory", "init", "all_trainable", "gpu_memory_bytes", "fits", "traffic",
+                "checkpoint_bytes"):
         assert key in plan, key
     assert isinstance(plan["fits"], bool) and plan["fits"]
     assert plan["world_size"] == 32 and plan["trainable_params"] == plan["trainable_closed_form"] == 17_170_432

@@ -97,7 +97,7 @@ def test_throughput_scalars():
 
 
 def test_the_planner_states_step_time_at_a_given_peak_and_mfu(stories_path):
-    from dude_dist.config import load_config
+    from dude_dist.config_loader import load_config
     from dude_dist.planner import format_plan, plan_run
 
     cfg = load_config(None, [f"model.name_or_path={stories_path}", "model.dtype=float32", "adapter.rank=4",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dude_dist.config import ConfigError, batch_layout, load_config
+from dude_dist.config import ConfigError, batch_layout
+from dude_dist.config_loader import load_config
 from dude_dist.zero import build_ds_config, check_replicated_model_fits
 
 GIB = 2**30
