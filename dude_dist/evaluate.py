@@ -44,6 +44,7 @@ from dude_dist.loss import (  # noqa: F401  (accepts_logits_to_keep, token_loss_
     summed_loss,
     token_loss_sum,
 )
+from dude_dist.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -487,7 +488,7 @@ def evaluate_run(cfg: Any, *, checkpoint: str | None = "auto", merged: str | Non
         if data.eval is not None:
             results["loss"] = eval_loss(model, data.eval, tokenizer.pad_token_id, cfg.eval.batch_size)
     if env.rank == 0:
-        out = out or Path(cfg.output_dir) / "eval_cli.json"
+        out = out or RunDir(cfg.output_dir).eval_file("cli")
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, json.dumps(results, indent=1))
         from torch.utils.tensorboard import SummaryWriter
@@ -495,7 +496,7 @@ def evaluate_run(cfg: Any, *, checkpoint: str | None = "auto", merged: str | Non
         scalars = {f"eval/{task}_accuracy": res["accuracy"] for task, res in results["tasks"].items()}
         if "loss" in results:
             scalars["eval/loss"] = results["loss"]["loss"]
-        writer = SummaryWriter(log_dir=str(Path(cfg.output_dir) / "tensorboard"), filename_suffix=".eval_cli")
+        writer = SummaryWriter(log_dir=str(RunDir(cfg.output_dir).tensorboard), filename_suffix=".eval_cli")
         for name, value in scalars.items():
             writer.add_scalar(name, value, step)
         writer.close()

@@ -34,6 +34,7 @@ from dude_dist.config import DudeConfig, RunConfig, batch_layout
 from dude_dist.dude import DudeLinear
 from dude_dist.errors import CheckpointError, ConfigError
 from dude_dist.models import load_model
+from dude_dist.run_dir import RunDir
 from dude_dist.sharded_init import CACHE_KEY_FILE, Comm, cache_key, inject_and_init
 from dude_dist.zero import build_ds_config, gathered, model_init_context
 
@@ -125,7 +126,7 @@ def resolve_checkpoint(cfg: RunConfig, checkpoint: str | None) -> Path:
     """
     from dude_dist.checkpoint import META, newest_verified, verify_checkpoint
 
-    root = Path(cfg.output_dir) / "checkpoints"
+    root = RunDir(cfg.output_dir).checkpoints
     if checkpoint in (None, "auto"):
         ckpt = newest_verified(root)
         if ckpt is None:
@@ -169,7 +170,7 @@ def rebuild_model(cfg: RunConfig, checkpoint: str | Path, world_size: int = 1, *
     with model_init_context(ds_config):
         model = load_model(cfg.model)
     key = cache_key(cfg.adapter, cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype, linear_names(model))
-    run_cache = checkpoint.parent.parent / "dude_init"
+    run_cache = RunDir.of_checkpoint(checkpoint).factor_cache
     if not (run_cache / CACHE_KEY_FILE).is_file():
         logger.warning("no factor cache at %s: factorising again (same result, slower)", run_cache)
     private = _read_only_cache(run_cache)
@@ -364,11 +365,10 @@ def _initial_factors(cfg: RunConfig, checkpoint: Path, names: list[str]) -> dict
     values)."""
     from safetensors.torch import load_file
 
-    from dude_dist.run_dir import RunDir
     from dude_dist.sharded_init import CACHE_FILE
     from dude_dist.svd_init import factorize
 
-    cache = RunDir(checkpoint.parent.parent).factor_cache
+    cache = RunDir.of_checkpoint(checkpoint).factor_cache
     want = cache_key(cfg.adapter, cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype, [])
     if (cache / CACHE_KEY_FILE).is_file() and (cache / CACHE_FILE).is_file():
         stored = json.loads((cache / CACHE_KEY_FILE).read_text())

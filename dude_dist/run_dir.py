@@ -11,6 +11,7 @@ Layout::
         summary.json        the final summary of the run
         eval_start.json     generation accuracy before training
         eval_end.json       ... and after
+        eval_cli.json       launch/evaluate.py's results (its default --out)
         previous/<time>/    an earlier run's outputs, moved aside by a fresh start
 
 Nobody else joins these names. One run writes a directory at a time: rank 0 takes an
@@ -52,6 +53,11 @@ class RunDir:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._lock_fd: int | None = None
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str | Path) -> RunDir:
+        """The run directory a checkpoint folder (``<root>/checkpoints/step_XXXXXXXX``) belongs to."""
+        return cls(Path(checkpoint).parent.parent)
 
     @property
     def checkpoints(self) -> Path:

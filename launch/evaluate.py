@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         from dude_dist.evaluate import evaluate_run
 
         cfg = load_config(args.config, args.overrides)
-        out = Path(args.out) if args.out else Path(cfg.output_dir) / "eval_cli.json"
+        out = Path(args.out) if args.out else None  # evaluate_run: <output_dir>/eval_cli.json
         evaluate_run(cfg, checkpoint=None if args.merged else args.checkpoint, merged=args.merged, out=out)
 
     return run_cli(body)
