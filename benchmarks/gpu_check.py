@@ -299,13 +299,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from benchmarks.common import cpu_model
+
+    return cpu_model()
 
 
 def pick_shared() -> Path:

@@ -369,7 +369,15 @@ def _tampered(ckpt: Path, name: str) -> None:
 
 
 def safetensors_problem(path: Path) -> str | None:
-    """Whether a safetensors file's header parses and its tensors end where the file does."""
+    """What is wrong with a safetensors file (None: its header parses and its tensors end
+    where the file does): unreadable, too short, a bad header, truncated or padded."""
+    try:
+        return _safetensors_problem(path)
+    except OSError as exc:
+        return f"cannot be read ({exc})"
+
+
+def _safetensors_problem(path: Path) -> str | None:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -441,10 +449,7 @@ def verify_checkpoint(ckpt: str | Path, *, checksums: bool = True) -> dict:
     if manifest is None and not any(ckpt.glob("*model_states.pt")):
         raise CheckpointError(f"checkpoint {ckpt} is damaged: it has no DeepSpeed *model_states.pt file")
     for path in sorted(ckpt.glob("*.safetensors")):
-        try:
-            problem = safetensors_problem(path)
-        except OSError as exc:
-            problem = f"cannot be read ({exc})"
+        problem = safetensors_problem(path)
         if problem:
             raise CheckpointError(f"checkpoint {ckpt} is damaged: {path.name}: {problem}")
     if is_portable(ckpt):

@@ -217,10 +217,7 @@ def check_model_folder(cfg: ModelConfig, path: str) -> None:
         raise ModelLoadError(f"{key}: the folder {folder} has no weights (looked for {', '.join(WEIGHT_FILES)} "
                              f"and *.safetensors; it holds: {present})")
     for shard in shards:
-        try:
-            problem = safetensors_problem(shard)
-        except OSError as exc:
-            problem = f"cannot be read ({exc})"
+        problem = safetensors_problem(shard)
         if problem:
             raise ModelLoadError(f"{key}: weight file {shard} is damaged: {problem}; copy or download it again")
 
