@@ -609,6 +609,12 @@ def select_checkpoint(root: str | Path, resume: str, cfg: Any, world_size: int,
             meta = read_meta(ckpt)
         else:
             ckpt = Path(resume)
+            if resume.lower() in ("auto", "none"):
+                raise TrainingError(f"--resume {resume}: write it in lower case ({resume.lower()}); a folder named "
+                                    f"{resume!r} does not exist")
+            if not ckpt.exists():
+                raise TrainingError(f"--resume {resume}: no such checkpoint folder (give a step_XXXXXXXX folder, "
+                                    "auto or none)")
             if not (ckpt / META).is_file():
                 raise TrainingError(f"--resume {resume}: {ckpt} is not a complete checkpoint (no {META})")
             try:

@@ -203,6 +203,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     source = "<defaults>"
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a folder; give a YAML file in it, e.g. "
+                              "configs/tiny_cpu.yaml")
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
         source = str(path)

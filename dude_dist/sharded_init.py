@@ -240,17 +240,31 @@ def load_cached_factors(cache_dir: Path, key: dict) -> dict[str, torch.Tensor] |
     return load_file(str(data_path))
 
 
-def save_cached_factors(cache_dir: Path, key: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Write factors, then the key, each by an atomic rename: a half-written cache is never read."""
+def save_cached_factors(cache_dir: Path, key: dict, tensors: dict[str, torch.Tensor]) -> bool:
+    """Write factors, then the key, each by an atomic rename: a half-written cache is never read.
+
+    The cache only saves a restart its SVDs, so a write that fails (a full disk) is a
+    warning naming the path and the reason, the temporary file is removed, and the run goes
+    on. Returns whether the cache was written.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / (CACHE_FILE + f".tmp{os.getpid()}")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, cache_dir / CACHE_FILE)
     tmp_key = cache_dir / (CACHE_KEY_FILE + f".tmp{os.getpid()}")
-    tmp_key.write_text(json.dumps(key, indent=1, sort_keys=True))
-    os.replace(tmp_key, cache_dir / CACHE_KEY_FILE)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, cache_dir / CACHE_FILE)
+        tmp_key.write_text(json.dumps(key, indent=1, sort_keys=True))
+        os.replace(tmp_key, cache_dir / CACHE_KEY_FILE)
+    except (OSError, SafetensorError) as exc:
+        for leftover in (tmp, tmp_key):
+            leftover.unlink(missing_ok=True)
+        logger.warning("could not write the factor cache %s (%s); training goes on, and a restart will factorise "
+                       "again", cache_dir, exc)
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- init
