@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -35,3 +37,20 @@ def run_cli(body: Callable[[], None]) -> int:
               file=sys.stderr)
         return 130
     return 0
+
+
+def exit_process(code: int) -> None:
+    """Leave the process with ``code``, once the run has torn down its process group.
+
+    A rank of a multi-process run ends with ``os._exit`` after flushing its output: the
+    interpreter's own shutdown then runs no C++ destructors of the collective backends,
+    which can abort the process ("terminate called without an active exception", exit -6)
+    after the work is done and saved, and a launcher would report a finished run as failed.
+    A single process exits normally.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -409,3 +409,13 @@ def config_to_dict(cfg: Any) -> dict:
         return value
 
     return plain(dataclasses.asdict(cfg))
+
+
+def __getattr__(name: str):
+    """``from dude_dist.config import load_config`` keeps working: the loader lives in
+    :mod:`dude_dist.config_loader`, imported on first use (it imports this module)."""
+    if name in ("load_config", "parse_overrides", "apply_overrides"):
+        from dude_dist import config_loader
+
+        return getattr(config_loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

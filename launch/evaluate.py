@@ -41,4 +41,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dude_dist.cli import exit_process
+
+    exit_process(main())

@@ -29,7 +29,7 @@ def test_plain_install_trains_two_steps(tmp_path):
     out = tmp_path / "run"
     # -P: the checkout (the working directory, for the config's relative paths) is not put on
     # sys.path, so the installed package is what runs.
-    code = ("import sys; from dude_dist.config import load_config; from dude_dist.trainer import main; "
+    code = ("import sys; from dude_dist.config_loader import load_config; from dude_dist.trainer import main; "
             "print('package:', __import__('dude_dist').__file__); "
             "main(load_config('configs/tiny_cpu.yaml', sys.argv[1:]), resume='none')")
     proc = subprocess.run([py, "-P", "-c", code, f"output_dir={out}", "train.max_steps=2", "train.save_every=0"],
