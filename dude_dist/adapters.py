@@ -102,13 +102,16 @@ def get_dude_layers(model: nn.Module) -> dict[str, DudeLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, DudeLinear)}
 
 
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every DuDe parameter by its name (``<layer>.lora_a``, ``.lora_b``, ``.magnitude``), in
+    model order: the one list that state dicts, checkpoints and exports are keyed by."""
+    return {f"{name}.{pname}": getattr(layer, pname) for name, layer in get_dude_layers(model).items()
+            for pname in layer.adapter_params()}
+
+
 def dude_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable DuDe tensors (``<layer>.lora_a``, ``.lora_b``, ``.magnitude``), detached copies."""
-    state = {}
-    for name, layer in get_dude_layers(model).items():
-        for pname in layer.adapter_params():
-            state[f"{name}.{pname}"] = getattr(layer, pname).detach().clone()
-    return state
+    return {key: param.detach().clone() for key, param in adapter_parameters(model).items()}
 
 
 @torch.no_grad()
@@ -119,15 +122,12 @@ def load_dude_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         KeyError: a DuDe parameter of the model is missing from ``state`` (named).
         ValueError: a shape differs (named, with both shapes).
     """
-    for name, layer in get_dude_layers(model).items():
-        for pname in layer.adapter_params():
-            key = f"{name}.{pname}"
-            if key not in state:
-                raise KeyError(f"DuDe state has no {key!r}")
-            param = getattr(layer, pname)
-            if tuple(state[key].shape) != tuple(param.shape):
-                raise ValueError(f"{key}: saved shape {tuple(state[key].shape)} != model shape {tuple(param.shape)}")
-            param.copy_(state[key])
+    for key, param in adapter_parameters(model).items():
+        if key not in state:
+            raise KeyError(f"DuDe state has no {key!r}")
+        if tuple(state[key].shape) != tuple(param.shape):
+            raise ValueError(f"{key}: saved shape {tuple(state[key].shape)} != model shape {tuple(param.shape)}")
+        param.copy_(state[key])
 
 
 @torch.no_grad()

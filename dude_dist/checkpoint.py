@@ -74,10 +74,6 @@ RESUME_KEYS = ("model.name_or_path", "model.revision", "model.gguf_file", "adapt
 _DISK_FULL_BYTES = 64 * 2**20
 
 
-def _barrier() -> None:
-    comm.barrier()
-
-
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -133,7 +129,7 @@ def save_checkpoint(engine, root: str | Path, step: int, meta: dict, rank: int, 
             if partial.exists():
                 shutil.rmtree(partial)
             partial.mkdir(parents=True)
-        _barrier()
+        comm.barrier()
         if trainable is not None:
             write_portable_state(engine, partial, trainable, rank)
         if trainable is None or deepspeed_files:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from dude_dist import comm
-from dude_dist.adapters import get_dude_layers, load_dude_state_dict
+from dude_dist.adapters import adapter_parameters, load_dude_state_dict
 from dude_dist.config import DudeConfig, RunConfig, batch_layout
 from dude_dist.dude import DudeLinear
 from dude_dist.errors import CheckpointError, ConfigError
@@ -59,13 +59,10 @@ def save_dude_params(model: nn.Module, path: Path, rank: int) -> None:
     """Gather the (small) DuDe tensors and write them, as safetensors, from rank 0. Collective."""
     from safetensors.torch import save_file
 
-    layers = get_dude_layers(model)
-    params = [getattr(layer, p) for layer in layers.values() for p in layer.adapter_params()]
-    with gathered(params, modifier_rank=None):
+    named = adapter_parameters(model)
+    with gathered(list(named.values()), modifier_rank=None):
         if rank == 0:
-            tensors = {f"{name}.{p}": getattr(layer, p).detach().float().cpu().contiguous()
-                       for name, layer in layers.items() for p in layer.adapter_params()}
-            save_file(tensors, str(path))
+            save_file({key: p.detach().float().cpu().contiguous() for key, p in named.items()}, str(path))
 
 
 def linear_names(model: nn.Module) -> list[str]:

@@ -44,7 +44,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from dude_dist import checkpoint as ckpt_lib
 from dude_dist import comm
-from dude_dist.adapters import get_dude_layers
+from dude_dist.adapters import adapter_parameters
 from dude_dist.config import RunConfig, batch_layout, config_to_dict
 from dude_dist.data import build_datasets, collate_batch
 from dude_dist.distributed import DistEnv, init_distributed, on_each_node_first, set_step_timeout
@@ -117,8 +117,7 @@ class Trainer:
             self.run_dir.archive_previous()
         comm.barrier()
         self.engine = self._setup_engine()
-        self.trainable = {f"{name}.{p}": getattr(layer, p) for name, layer in get_dude_layers(self.engine.module).items()
-                          for p in layer.adapter_params()}
+        self.trainable = adapter_parameters(self.engine.module)
         self.tracker = Tracker(self.run_dir, self.rank, resume_step=self.start_step if self.resume_from else None)
         if self.resume_from is not None:
             ckpt_lib.load_checkpoint(self.engine, self.resume_from, self.rank, trainable=self.trainable)

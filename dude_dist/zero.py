@@ -351,7 +351,7 @@ def load_trainable_state(engine, named: dict[str, nn.Parameter], tensors: dict[s
     params = list(named.values())
     with gathered(params, modifier_rank=0):
         for name, param in named.items():
-            if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):
+            if _sharded(param):
                 param.data.copy_(tensors[name].reshape(param.shape).to(param.dtype))
 
 
