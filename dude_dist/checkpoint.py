@@ -47,9 +47,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from dude_dist import comm
-from dude_dist.errors import CheckpointError, ConfigError, DudeError, TrainingError
+from dude_dist.config import batch_layout, config_to_dict
+from dude_dist.errors import CheckpointError, ConfigError, DudeError, TrainingError, read_json
+from dude_dist.zero import adam_step_count, gather_trainable_state, load_trainable_state
 
 logger = logging.getLogger(__name__)
 
@@ -278,13 +281,7 @@ def read_meta(ckpt: str | Path) -> dict:
     Raises:
         CheckpointError: it is missing, not UTF-8 JSON, or has no ``step``.
     """
-    path = Path(ckpt) / META
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {ckpt} is damaged: {META} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {ckpt} is damaged: {META} cannot be read ({exc})") from None
+    meta = read_json(Path(ckpt) / META, CheckpointError, f"checkpoint {ckpt} is damaged: {META}")
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
         raise CheckpointError(f"checkpoint {ckpt} is damaged: {META} has no integer 'step'")
     return meta
@@ -400,11 +397,11 @@ def _read_manifest(ckpt: Path) -> dict[str, dict] | None:
     path = ckpt / MANIFEST
     if not path.exists():
         return None
+    manifest = read_json(path, CheckpointError, f"checkpoint {ckpt} is damaged: {MANIFEST}")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
         files = manifest["files"]
         entries = {str(name): {"size": int(e["size"]), "sha256": str(e["sha256"])} for name, e in files.items()}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"checkpoint {ckpt} is damaged: {MANIFEST} cannot be read "
                               f"({type(exc).__name__}: {exc})") from None
     return entries
@@ -513,9 +510,19 @@ def _lookup(cfg_dict: dict, dotted: str) -> Any:
     return node
 
 
+def run_meta(cfg: Any, layout: Any, world_size: int, step: int) -> dict:
+    """What a checkpoint's ``meta.json`` records about the run beside the step: the resume
+    fingerprint, the samples seen, the whole config, the world size and batch layout, and
+    whether DeepSpeed's own files were written."""
+    return {"fingerprint": fingerprint(cfg), "samples_seen": step * layout.global_batch_size,
+            "config": config_to_dict(cfg), "world_size": world_size,
+            "deepspeed_files": cfg.train.deepspeed_checkpoint,
+            "layout": {"micro_batch_size": layout.micro_batch_size, "grad_accum": layout.grad_accum,
+                       "global_batch_size": layout.global_batch_size}}
+
+
 def fingerprint(cfg: Any) -> dict:
     """The :data:`RESUME_KEYS` of a run config (a ``RunConfig`` or its plain dict)."""
-    from dude_dist.config import config_to_dict
 
     cfg_dict = cfg if isinstance(cfg, dict) else config_to_dict(cfg)
     return {key: _lookup(cfg_dict, key) for key in RESUME_KEYS}
@@ -543,7 +550,6 @@ def check_compatible(ckpt: Path, meta: dict, cfg: Any, world_size: int, force: b
         raise TrainingError(f"refusing to resume from {ckpt}: {'; '.join(differ)} "
                             "(pass --force-resume to override)")
     saved_world = meta.get("world_size")
-    from dude_dist.config import batch_layout
 
     layout = batch_layout(cfg.train, world_size)
     saved_global = (meta.get("layout") or {}).get("global_batch_size")
@@ -654,10 +660,6 @@ def write_portable_state(engine, directory: Path, trainable: dict, rank: int) ->
     Adam step count, the LR schedule, DeepSpeed's step counters and every rank's Python RNG.
     Nothing is pickled.
     """
-    from safetensors.torch import save_file
-
-    from dude_dist.zero import adam_step_count, gather_trainable_state
-
     tensors = gather_trainable_state(engine, trainable, keep=rank == 0)
     mine = {"torch": torch.get_rng_state().tolist(), "python": _json_rng(random.getstate()),
             "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None}
@@ -698,10 +700,6 @@ def load_portable_state(engine, ckpt: Path, trainable: dict, rank: int) -> dict:
     Raises:
         CheckpointError: a DuDe parameter of this model is missing or has another shape.
     """
-    from safetensors.torch import load_file
-
-    from dude_dist.zero import load_trainable_state
-
     tensors = load_file(str(ckpt / TRAINABLE_FILE))
     state = json.loads((ckpt / STATE_FILE).read_text())
     for name, param in trainable.items():

@@ -15,6 +15,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from dude_dist.dude import NORM_GRADS
 from dude_dist.errors import ConfigError, DudeError  # noqa: F401  (DudeError re-exported)
 from dude_dist.svd_init import SVD_METHODS, VARIANTS
@@ -23,6 +25,7 @@ from dude_dist.svd_init import SVD_METHODS, VARIANTS
 DTYPES = {"bfloat16": 2, "float16": 2, "float32": 4}
 FORMATS = ("gsm8k", "metamathqa", "commonsense", "alpaca", "chat")
 GSM8K_PROMPT_FORMATS = ("gsm8k", "metamathqa", "commonsense", "alpaca")
+EVAL_MODES = ("generate", "loglik")
 # Attention kernels a run may ask for; each sees packed samples' boundaries (dude_dist/data.py).
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 
@@ -125,7 +128,6 @@ def attn_implementation_problem(name: str, cuda: bool | None = None) -> str | No
     """
     if name != "flash_attention_2":
         return None
-    import torch
     from transformers.utils import is_flash_attn_2_available
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -213,6 +215,10 @@ class TrainConfig:
             the GPU up in :data:`dude_dist.throughput.PEAK_TFLOPS` (no MFU on CPU).
         deepspeed_checkpoint: also write DeepSpeed's own checkpoint files (pickled, bound to
             the world size that wrote them) beside the portable state; off by default.
+        log_dynamics: log ``dude/magnitude_drift``, ``dude/direction_change`` and
+            ``dude/update_norm`` at every logged step (:mod:`dude_dist.dynamics`).
+        histogram_every: steps between per-layer-type histograms of the dynamics
+            (0 = every 10th logged step).
     """
 
     micro_batch_size: int = 1
@@ -234,13 +240,15 @@ class TrainConfig:
     max_nonfinite_steps: int = 3
     peak_tflops: float = 0.0
     deepspeed_checkpoint: bool = False
+    log_dynamics: bool = True
+    histogram_every: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
         for key in ("micro_batch_size", "grad_accum", "log_every", "keep_last", "max_nonfinite_steps"):
             _check(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
         for key in ("global_batch_size", "max_steps", "save_every", "eval_every", "max_grad_norm", "weight_decay",
-                    "peak_tflops"):
+                    "peak_tflops", "histogram_every"):
             _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
@@ -321,6 +329,10 @@ class EvalConfig:
             than this many GiB is evaluated from a merged copy on every rank (no parameter
             gather per generated token); larger models generate under ZeRO-3 with the ranks
             kept in step (``synced_gpus``).
+        mode: ``generate`` (greedy generation, the answer read from the text, as LLM-Adapters
+            scores) or ``loglik`` (multiple choice: the answer whose continuation
+            ``the correct answer is <choice>`` has the highest log-likelihood, as lm-eval
+            scores; commonsense tasks only, and it shows signal on small models).
     """
 
     tasks: tuple[str, ...] = ("gsm8k",)
@@ -333,12 +345,17 @@ class EvalConfig:
     at_start: bool = False
     at_end: bool = False
     gather_below_gb: float = 2.0
+    mode: str = "generate"
 
     def __post_init__(self) -> None:
         for name in ("tasks", "gsm8k_sources"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         _check_choice(self.gsm8k_format, GSM8K_PROMPT_FORMATS, "eval.gsm8k_format")
+        _check_choice(self.mode, EVAL_MODES, "eval.mode")
+        _check(self.mode != "loglik" or "gsm8k" not in self.tasks, "eval.tasks",
+               "gsm8k has no answer choices to score with eval.mode=loglik (its held-out loss is eval/loss); "
+               f"use commonsense tasks there, got {list(self.tasks)}")
         _check(self.limit >= 0, "eval.limit", f"must be >= 0, got {self.limit}")
         _check(self.batch_size > 0, "eval.batch_size", f"must be > 0, got {self.batch_size}")
         _check(self.max_new_tokens > 0, "eval.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
@@ -415,7 +432,7 @@ def __getattr__(name: str):
     """``from dude_dist.config import load_config`` keeps working: the loader lives in
     :mod:`dude_dist.config_loader`, imported on first use (it imports this module)."""
     if name in ("load_config", "parse_overrides", "apply_overrides"):
-        from dude_dist import config_loader
+        from dude_dist import config_loader  # noqa: PLC0415  (it imports this module)
 
         return getattr(config_loader, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

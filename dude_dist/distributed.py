@@ -28,7 +28,16 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import psutil
+import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d
+
+from dude_dist import comm
+from dude_dist.comm import device_for_backend
 from dude_dist.errors import LaunchError
+from dude_dist.logs import setup_logging
+from dude_dist.zero import init_deepspeed_comm
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +70,6 @@ class DistEnv:
             value = os.environ.get(key, "")
             if value.isdigit() and int(value) > 0:
                 return min(int(value), self.world_size)
-        import torch
 
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         return min(count, self.world_size) if count else self.world_size
@@ -69,7 +77,6 @@ class DistEnv:
     @property
     def device(self):
         """Where this rank's model runs: its GPU (``local_rank % device_count``) or the CPU."""
-        import torch
 
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         return torch.device("cuda", self.local_rank % count) if count else torch.device("cpu")
@@ -135,7 +142,6 @@ def routable_address() -> tuple[str, str]:
             return addr, f"host name {socket.gethostname()}"
     except OSError:
         pass
-    import psutil
 
     wanted = os.environ.get("NCCL_SOCKET_IFNAME") or os.environ.get("GLOO_SOCKET_IFNAME") or ""
     wanted_names = [w for w in wanted.lstrip("=^").split(",") if w]
@@ -214,12 +220,6 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
     Raises:
         LaunchError: the master port is taken, or NCCL without a GPU (the message says what to change).
     """
-    import torch
-
-    from dude_dist.comm import device_for_backend
-    from dude_dist.logs import setup_logging
-    from dude_dist.zero import init_deepspeed_comm
-
     dist_env = discover_env()
     # The first moment the rank is known: without this the line below (INFO, rank 0) has no
     # handler yet and is dropped.
@@ -257,8 +257,6 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
 
 def set_step_timeout(timeout_s: int) -> None:
     """Shorten the collective timeout once start-up is over (loading a 70B model needs the long one)."""
-    import torch.distributed as dist
-    from torch.distributed import distributed_c10d
 
     if dist.is_initialized() and hasattr(distributed_c10d, "_set_pg_timeout"):
         distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s))
@@ -272,8 +270,6 @@ def on_each_node_first(env: DistEnv) -> Iterator[None]:
     shared filesystem) while the other ranks wait at a barrier (``deepspeed.timeout_s``),
     instead of every rank fetching and writing the same files at once.
     """
-    from dude_dist import comm
-
     if env.local_rank != 0:
         comm.barrier()
     try:

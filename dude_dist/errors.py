@@ -9,6 +9,10 @@ traceback.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 
 class DudeError(Exception):
     """Base of the errors a user can act on (bad config, data, model path, checkpoint)."""
@@ -44,3 +48,19 @@ class LaunchError(DudeError, RuntimeError):
 
 class RunDirBusyError(DudeError, RuntimeError):
     """Another live run holds the run directory; the message names it (host, pid, start time)."""
+
+
+def read_json(path: str | Path, error: type[DudeError], label: str | None = None) -> Any:
+    """The value of a UTF-8 JSON file; any problem raises one ``error`` that names ``label``
+    (default: the path), and for invalid JSON its line and column."""
+    name = label or str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{name} is missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{name} cannot be read as UTF-8 ({type(exc).__name__}: {exc})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{name}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None

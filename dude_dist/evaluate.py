@@ -28,15 +28,20 @@ import torch
 from transformers import GenerationConfig
 
 from dude_dist import comm
-from dude_dist.config import EvalConfig
+from dude_dist.checkpoint import read_meta, write_text_atomic
+from dude_dist.config import EvalConfig, batch_layout
 from dude_dist.data import (
     DataError,
+    build_datasets,
     collate_batch,
     ensure_pad_token,
     instruction_prompt,
     load_first_source,
     question_prompt,
 )
+from dude_dist.distributed import init_distributed
+from dude_dist.errors import ConfigError
+from dude_dist.export import config_for_checkpoint, merged_copy, rebuild_model, resolve_checkpoint
 from dude_dist.loss import (  # noqa: F401  (accepts_logits_to_keep, token_loss_sum re-exported)
     IGNORE_INDEX,
     accepts_logits_to_keep,
@@ -44,7 +49,9 @@ from dude_dist.loss import (  # noqa: F401  (accepts_logits_to_keep, token_loss_
     summed_loss,
     token_loss_sum,
 )
+from dude_dist.models import load_tokenizer
 from dude_dist.run_dir import RunDir
+from dude_dist.zero import build_ds_config, model_init_context
 
 logger = logging.getLogger(__name__)
 
@@ -305,6 +312,113 @@ def evaluate_commonsense(
                   rank=rank, world_size=world_size)
 
 
+# --------------------------------------------------------------------------- log-likelihood
+
+_ANSWER_FORMAT = re.compile(r"Answer format:\s*(\w+(?:/\w+)+)\s*$")
+LOGLIK_TEMPLATE = "the correct answer is {choice}"  # the LLM-Adapters training target
+
+
+def answer_choices(task: str, instruction: str) -> list[str]:
+    """The choices of one item: its ``Answer format: a/b/c`` line, else the task's keywords.
+
+    Raises:
+        DataError: ``task`` is not a known commonsense task.
+    """
+    if task not in COMMONSENSE_PATTERNS:
+        raise DataError(f"unknown commonsense task {task!r}; valid: {', '.join(COMMONSENSE_PATTERNS)}")
+    found = _ANSWER_FORMAT.search(instruction.strip())
+    return found.group(1).split("/") if found else COMMONSENSE_PATTERNS[task].pattern.split("|")
+
+
+def _pair_ids(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation ids, the continuation cut from the tokenised whole text as in
+    training (:func:`dude_dist.data._tokenize_batch`); tokenised alone if the boundary merges."""
+    ctx = tokenizer(context)["input_ids"]
+    full = tokenizer(context + continuation)["input_ids"]
+    if full[: len(ctx)] == ctx and len(full) > len(ctx):
+        return ctx, full[len(ctx):]
+    return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def continuation_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int,
+                          forwards: int | None = None) -> list[float]:
+    """``sum log p(continuation | context)`` of each ``(context, continuation)``, in float32.
+
+    Args:
+        forwards: run exactly this many batches (ZeRO-3 with several ranks, where every
+            forward gathers from all ranks): extra batches are label-free and discarded.
+    """
+    pad_id = ensure_pad_token(tokenizer)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    encoded = [_pair_ids(tokenizer, c, x) for c, x in pairs]
+    batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
+    if forwards is not None:
+        batches += [[encoded[0] if encoded else ([pad_id], [pad_id])]] * (forwards - len(batches))
+    scores: list[float] = []
+    try:
+        for b, batch in enumerate(batches):
+            width = max(len(c) + len(x) for c, x in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (ctx, cont) in enumerate(batch):
+                ids[row, :len(ctx) + len(cont)] = torch.tensor(ctx + cont)
+                labels[row, len(ctx):len(ctx) + len(cont)] = torch.tensor(cont)
+                mask[row, :len(ctx) + len(cont)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+            target = labels[:, 1:].to(device)
+            logp = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX,
+                                                      reduction="none")
+            if b * batch_size < len(encoded):
+                scores.extend(logp.sum(dim=1).tolist())
+    finally:
+        model.train(was_training)
+    return scores[: len(encoded)]
+
+
+def evaluate_commonsense_loglik(model: Any, tokenizer: Any, task: str, items: Sequence[dict], *, batch_size: int,
+                                synced_gpus: bool = False, rank: int = 0, world_size: int = 1, **_: Any) -> dict:
+    """Multiple-choice accuracy on one commonsense task: the choice whose continuation
+    ``the correct answer is <choice>`` after the item's prompt has the highest summed
+    log-likelihood (the continuations differ only in the choice keyword, so no length
+    normalisation). Items are shared out over the ranks as for generation.
+
+    Returns:
+        ``accuracy``, ``n``, ``correct`` and ``records`` (instruction, reference, choices,
+        logprobs, predicted, correct per item).
+    """
+    mine = _shard(list(range(len(items))), rank, world_size)
+    pairs, owners = [], []
+    for i in mine:
+        prompt = instruction_prompt(items[i]["instruction"], items[i].get("input") or "")
+        for choice in answer_choices(task, items[i]["instruction"]):
+            pairs.append((prompt, LOGLIK_TEMPLATE.format(choice=choice)))
+            owners.append((i, choice))
+    forwards = None
+    if synced_gpus and world_size > 1:
+        forwards = max(comm.all_gather_object(math.ceil(len(pairs) / batch_size)))
+    scores = continuation_logprobs(model, tokenizer, pairs, batch_size, forwards)
+    records: dict[int, dict] = {}
+    for (i, choice), score in zip(owners, scores):
+        rec = records.setdefault(i, {"instruction": items[i]["instruction"], "reference": items[i]["answer"],
+                                     "choices": [], "logprobs": []})
+        rec["choices"].append(choice)
+        rec["logprobs"].append(score)
+    for rec in records.values():
+        best = max(range(len(rec["choices"])), key=rec["logprobs"].__getitem__)
+        rec["predicted"] = rec["choices"][best]
+        rec["correct"] = rec["predicted"] == rec["reference"]
+    if world_size > 1:
+        merged: dict[int, dict] = {}
+        for part in comm.all_gather_object(records):
+            merged.update(part)
+        records = merged
+    return _summary([records[i] for i in sorted(records)])
+
+
 def _summary(records: list[dict]) -> dict:
     correct = sum(r["correct"] for r in records)
     return {"accuracy": correct / len(records) if records else 0.0, "n": len(records), "correct": correct,
@@ -337,7 +451,8 @@ def run_eval(model: Any, tokenizer: Any, cfg: EvalConfig, *, synced_gpus: bool =
             results[task] = evaluate_gsm8k(model, tokenizer, items, prompt_format=cfg.gsm8k_format, **options)
         else:
             items = load_commonsense_items(cfg.commonsense_dir, task, cfg.limit)
-            results[task] = evaluate_commonsense(model, tokenizer, task, items, **options)
+            score = evaluate_commonsense_loglik if cfg.mode == "loglik" else evaluate_commonsense
+            results[task] = score(model, tokenizer, task, items, **options)
         logger.info("eval %s: accuracy %.4f (%d/%d)", task, results[task]["accuracy"],
                     results[task]["correct"], results[task]["n"])
     return results
@@ -397,7 +512,6 @@ def check_fits_one_device(folder: str | Path, device: torch.device) -> None:
     weights = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
     memory = torch.cuda.get_device_properties(device).total_memory
     if weights > 0.9 * memory:
-        from dude_dist.errors import ConfigError
 
         raise ConfigError(
             f"--merged {folder}: its weights ({weights / 2**30:.1f} GiB) do not fit one GPU ({memory / 2**30:.1f} "
@@ -424,16 +538,8 @@ def evaluate_run(cfg: Any, *, checkpoint: str | None = "auto", merged: str | Non
         ConfigError: the config conflicts with the checkpoint's adapter settings.
         FileNotFoundError: the merged folder is missing.
     """
-    import json
-
-    from dude_dist.checkpoint import read_meta, write_text_atomic
-    from dude_dist.data import build_datasets
-    from dude_dist.distributed import init_distributed
-    from dude_dist.models import load_tokenizer
-
     ckpt = None
     if not merged:  # a missing or damaged checkpoint, or conflicting settings: one line, before any work
-        from dude_dist.export import config_for_checkpoint, resolve_checkpoint
 
         ckpt = resolve_checkpoint(cfg, checkpoint)
         config_for_checkpoint(cfg, ckpt)
@@ -449,9 +555,6 @@ def evaluate_run(cfg: Any, *, checkpoint: str | None = "auto", merged: str | Non
             # Loaded partitioned over the ranks, as in training: a 70B model never sits whole on a GPU.
             import deepspeed
 
-            from dude_dist.config import batch_layout
-            from dude_dist.zero import build_ds_config, model_init_context
-
             ds_config = build_ds_config(cfg, batch_layout(cfg.train, env.world_size))
             with model_init_context(ds_config):
                 model = AutoModelForCausalLM.from_pretrained(merged, dtype=getattr(torch, cfg.model.dtype))
@@ -464,16 +567,12 @@ def evaluate_run(cfg: Any, *, checkpoint: str | None = "auto", merged: str | Non
         ensure_pad_token(tokenizer)
         source = str(merged)
     else:
-        from dude_dist.export import rebuild_model
 
         step = int(read_meta(ckpt)["step"])
         model = rebuild_model(cfg, ckpt, env.world_size, verified=True)
         tokenizer = load_tokenizer(cfg.model)
         if env.world_size > 1 and cfg.deepspeed.zero_stage == 3:
             import deepspeed
-
-            from dude_dist.config import batch_layout
-            from dude_dist.zero import build_ds_config
 
             ds_config = build_ds_config(cfg, batch_layout(cfg.train, env.world_size))
             model = deepspeed.initialize(model=model, config=ds_config)[0].module
@@ -504,8 +603,7 @@ def evaluate_run(cfg: Any, *, checkpoint: str | None = "auto", merged: str | Non
             logger.info("%s: accuracy %.4f (%d/%d) from %s", task, res["accuracy"], res["correct"], res["n"], source)
         if "loss" in results:
             logger.info("held-out loss %.4f (perplexity %.3f)", results["loss"]["loss"], results["loss"]["perplexity"])
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    comm.destroy()
     return results
 
 
@@ -554,12 +652,31 @@ class TrainingEvaluator:
         mean = total / max(count, 1.0)
         return {"eval/loss": mean, "eval/perplexity": math.exp(min(mean, 50.0))}
 
+    def at_start(self, summary: dict, tracker: Any) -> None:
+        """Before the first step of a fresh run: accuracy (``eval.at_start``) and held-out loss,
+        into ``summary`` and the tracker at step 0."""
+        if self.cfg.eval.at_start:
+            summary["eval_start"] = self.accuracy("start")
+            tracker.log(0, summary["eval_start"])
+        if self.eval_set is not None:
+            first = self.loss()
+            summary["eval_loss_start"] = first.get("eval/loss")
+            tracker.log(0, first)
+
+    def at_end(self, step: int, summary: dict, tracker: Any) -> None:
+        """After the last step: held-out loss and accuracy (``eval.at_end``)."""
+        final = self.loss()
+        if final:
+            tracker.log(step, final)
+            summary["eval_loss_end"] = final["eval/loss"]
+        if self.cfg.eval.at_end:
+            summary["eval_end"] = self.accuracy("end")
+            tracker.log(step, summary["eval_end"])
+
     def accuracy(self, when: str) -> dict[str, float]:
         """Generation accuracy on the configured tasks, prompts shared out over the ranks; rank 0
         writes ``eval_<when>.json``. A small partitioned model is merged into a plain copy first
         (no gather per generated token)."""
-        from dude_dist.checkpoint import write_text_atomic
-        from dude_dist.export import merged_copy
 
         self.engine.eval()
         model = self.engine.module

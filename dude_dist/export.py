@@ -26,16 +26,27 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dude_dist import comm
 from dude_dist.adapters import adapter_parameters, load_dude_state_dict
+from dude_dist.checkpoint import (
+    META,
+    _lookup,
+    fingerprint_differences,
+    newest_verified,
+    read_meta,
+    verify_checkpoint,
+    write_text_atomic,
+)
 from dude_dist.config import DudeConfig, RunConfig, batch_layout
 from dude_dist.dude import DudeLinear
 from dude_dist.errors import CheckpointError, ConfigError
 from dude_dist.models import load_model
 from dude_dist.run_dir import RunDir
-from dude_dist.sharded_init import CACHE_KEY_FILE, Comm, cache_key, inject_and_init
+from dude_dist.sharded_init import CACHE_FILE, CACHE_KEY_FILE, Comm, cache_key, inject_and_init
+from dude_dist.svd_init import factorize
 from dude_dist.zero import build_ds_config, gathered, model_init_context
 
 logger = logging.getLogger(__name__)
@@ -57,12 +68,19 @@ def adapter_description(cfg: RunConfig) -> dict:
 
 def save_dude_params(model: nn.Module, path: Path, rank: int) -> None:
     """Gather the (small) DuDe tensors and write them, as safetensors, from rank 0. Collective."""
-    from safetensors.torch import save_file
 
     named = adapter_parameters(model)
     with gathered(list(named.values()), modifier_rank=None):
         if rank == 0:
             save_file({key: p.detach().float().cpu().contiguous() for key, p in named.items()}, str(path))
+
+
+def write_adapter_files(model: nn.Module, directory: Path, cfg: RunConfig, rank: int) -> None:
+    """A checkpoint's adapter files: the DuDe tensors as the model holds them (every rank
+    takes part) and what they are (rank 0), enough for evaluation and export on any world size."""
+    save_dude_params(model, directory / DUDE_PARAMS_FILE, rank)
+    if rank == 0:
+        write_text_atomic(directory / ADAPTER_FILE, json.dumps(adapter_description(cfg), indent=1))
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -81,8 +99,6 @@ def config_for_checkpoint(cfg: RunConfig, checkpoint: str | Path, meta: dict | N
         ConfigError: ``cfg`` (its YAML or a ``--set``) disagrees with the checkpoint on a
             key that changes the rebuilt weights; the message names each key and both values.
     """
-    from dude_dist.checkpoint import _lookup, fingerprint_differences, read_meta
-
     meta = meta if meta is not None else read_meta(checkpoint)
     saved = meta.get("config") or {}
     now = dataclasses.asdict(cfg)
@@ -121,8 +137,6 @@ def resolve_checkpoint(cfg: RunConfig, checkpoint: str | None) -> Path:
     Raises:
         CheckpointError: none under ``output_dir``, or the named one is missing or damaged.
     """
-    from dude_dist.checkpoint import META, newest_verified, verify_checkpoint
-
     root = RunDir(cfg.output_dir).checkpoints
     if checkpoint in (None, "auto"):
         ckpt = newest_verified(root)
@@ -151,10 +165,6 @@ def rebuild_model(cfg: RunConfig, checkpoint: str | Path, world_size: int = 1, *
         CheckpointError: the checkpoint has no ``dude_params.safetensors`` or a damaged file.
         ConfigError: ``cfg`` conflicts with the checkpoint's adapter/model settings.
     """
-    from safetensors.torch import load_file
-
-    from dude_dist.checkpoint import verify_checkpoint
-
     checkpoint = Path(checkpoint)
     params_file = checkpoint / DUDE_PARAMS_FILE
     if not params_file.is_file():
@@ -300,8 +310,6 @@ def export_merged(model: nn.Module, tokenizer, out_dir: str | Path, rank: int,
     Raises:
         ConfigError: see :func:`check_export_target`.
     """
-    from safetensors.torch import save_file
-
     out_dir = check_export_target(out_dir, overwrite) if rank == 0 else Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     if rank == 0:
@@ -360,10 +368,6 @@ def _initial_factors(cfg: RunConfig, checkpoint: Path, names: list[str]) -> dict
     """``A0, B0`` of every DuDe layer: from the run's factor cache when it was made with these
     settings, else factorised again from the base weights in this process (seeded: the same
     values)."""
-    from safetensors.torch import load_file
-
-    from dude_dist.sharded_init import CACHE_FILE
-    from dude_dist.svd_init import factorize
 
     cache = RunDir.of_checkpoint(checkpoint).factor_cache
     want = cache_key(cfg.adapter, cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype, [])
@@ -399,10 +403,6 @@ def export_peft(cfg: RunConfig, checkpoint: str | Path, out_dir: str | Path, ove
         ConfigError: ``out_dir`` cannot take the export, or the config conflicts with the
             checkpoint's adapter settings.
     """
-    from safetensors.torch import load_file, save_file
-
-    from dude_dist.checkpoint import verify_checkpoint
-
     checkpoint = Path(checkpoint)
     out_dir = check_export_target(out_dir, overwrite)
     params_file = checkpoint / DUDE_PARAMS_FILE

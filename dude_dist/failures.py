@@ -4,6 +4,9 @@
   down) and a first SIGINT (Ctrl-C) into a request to checkpoint at the next step boundary
   and exit cleanly; a second Ctrl-C aborts at once. A rank whose launcher died (it was
   re-parented) requests the same stop, so no rank trains on as an orphan.
+* :class:`NonFiniteStreak` stops the run after ``train.max_nonfinite_steps`` skipped
+  non-finite steps in a row, naming the problem and the checkpoint that holds the
+  parameters from before the streak.
 * :func:`lost_peer_message` names the ranks that are gone after a collective failed
   (ranks on this host are checked by pid).
 * Fault injection for tests, read from the environment once (:class:`Faults`):
@@ -19,9 +22,11 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import torch.distributed as dist
 
 from dude_dist.errors import TrainingError
@@ -54,6 +59,69 @@ class Faults:
         crash = env.get("DUDE_FAULT_CKPT_CRASH", "").strip()
         return cls(nan_steps=parse_steps(env.get("DUDE_FAULT_NAN_STEPS", "")), inf_grad_steps=parse_steps(steps),
                    inf_grad_layer=layer.strip(), ckpt_crash_step=int(crash) if crash else None)
+
+
+def step_problem(number: int, bad_samples: list[int], skipped: bool, cfg, worst_layer: Callable[[], str]) -> str:
+    """Why optimizer step ``number`` (1-based) was skipped, or "" when it was applied or only
+    hit an fp16 loss-scale overflow (DeepSpeed lowers the scale; that is routine).
+
+    Args:
+        bad_samples: training-set indices of the micro-batches whose loss was non-finite.
+        skipped: DeepSpeed did not apply the step.
+        cfg: the run config (``model.dtype``, ``deepspeed.zero_stage`` for the messages).
+        worst_layer: names the DuDe layer to look at (collective: called on every rank or none).
+
+    Raises:
+        TrainingError: a non-finite loss whose update DeepSpeed applied anyway.
+    """
+    if bad_samples and not skipped:
+        raise TrainingError(
+            f"non-finite loss at step {number} in training samples {bad_samples}, and DeepSpeed applied the "
+            f"update anyway (deepspeed.zero_stage={cfg.deepspeed.zero_stage}, model.dtype={cfg.model.dtype}): the "
+            "parameters may be non-finite; stopping without a checkpoint")
+    if bad_samples:
+        return f"non-finite loss at step {number} in training samples {bad_samples}"
+    if skipped and cfg.model.dtype != "float16":
+        return f"non-finite gradient norm at step {number} (the loss was finite): {worst_layer()}"
+    return ""
+
+
+class NonFiniteStreak:
+    """Skipped non-finite steps in a row; after ``limit`` of them the run stops, before any save:
+    the failing step gets no checkpoint (one written at an earlier skipped step holds the
+    parameters from before the streak).
+
+    Args:
+        limit: ``train.max_nonfinite_steps``.
+        latest_checkpoint: returns the newest complete checkpoint folder (or None), for the message.
+    """
+
+    def __init__(self, limit: int, latest_checkpoint: Callable[[], Path | None]) -> None:
+        self.limit, self.latest_checkpoint = limit, latest_checkpoint
+        self.steps: list[int] = []
+
+    def after(self, step: int, skipped: bool, nonfinite: bool, problem: str) -> None:
+        """Account for optimizer step ``step`` (1-based). An applied step ends a streak; an fp16
+        overflow (skipped, finite) neither ends nor extends it.
+
+        Raises:
+            TrainingError: the streak reached ``limit``.
+        """
+        if not skipped:
+            self.steps = []
+        if not nonfinite:
+            return
+        self.steps.append(step)
+        logger.warning("step %d skipped: %s (%d in a row; train.max_nonfinite_steps=%d)", step, problem,
+                       len(self.steps), self.limit)
+        if len(self.steps) < self.limit:
+            return
+        latest = self.latest_checkpoint()
+        kept = f"The newest checkpoint, {latest.name}," if latest else "No checkpoint"
+        raise TrainingError(
+            f"{problem}: {len(self.steps)} steps in a row skipped (steps {self.steps[0]}-{self.steps[-1]}), "
+            f"train.max_nonfinite_steps={self.limit}; stopping. {kept} holds the parameters from before step "
+            f"{self.steps[0]}")
 
 
 class StopRequests:
@@ -110,7 +178,6 @@ def _parent_of(pid: int) -> int:
         with open(f"/proc/{pid}/stat") as f:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
-        import psutil
 
         try:
             return psutil.Process(pid).ppid()
@@ -128,7 +195,6 @@ def is_comm_failure(exc: BaseException) -> bool:
 
 def lost_peer_message(exc: BaseException, rank: int, peers: list[tuple[str, int]], timeout_s: int) -> str:
     """Who is gone: local ranks whose pid has exited, else a timeout or an unreachable peer."""
-    import psutil
 
     host = socket.gethostname()
     gone = []

@@ -22,15 +22,21 @@ import json
 import logging
 import os
 import shutil
+import socket
 import struct
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_model
 
 from dude_dist.attention import model_attn_implementation
+from dude_dist.checkpoint import safetensors_problem
 from dude_dist.config import ModelConfig, attn_implementation_problem
-from dude_dist.errors import ModelLoadError
+from dude_dist.data import ensure_pad_token
+from dude_dist.errors import ModelLoadError, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +161,6 @@ def _exclusive(lock_path: Path):
 
 def _write_converted(path: str, gguf_file: str, out: Path) -> None:
     """De-quantise ``path/gguf_file`` and write it to ``out`` as a Hugging Face folder."""
-    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
@@ -186,8 +191,6 @@ def check_model_folder(cfg: ModelConfig, path: str) -> None:
     Raises:
         ModelLoadError: what is missing or damaged, naming the file.
     """
-    from dude_dist.checkpoint import safetensors_problem
-
     folder = Path(path)
     key = f"model.name_or_path {cfg.name_or_path!r}"
     if not cfg.gguf_file:  # what the folder is comes first: a tokenizer-only folder of an encoder says so
@@ -202,10 +205,10 @@ def check_model_folder(cfg: ModelConfig, path: str) -> None:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
+            index_data = read_json(index, ModelLoadError, f"{key}: {index}")
             try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                listed = sorted(set(weight_map.values()))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                listed = sorted(set(index_data["weight_map"].values()))
+            except (KeyError, TypeError, AttributeError) as exc:
                 raise ModelLoadError(f"{key}: {index} cannot be read ({type(exc).__name__}: {exc})") from None
             missing = [name for name in listed if not (folder / name).is_file()]
             if missing:
@@ -224,7 +227,6 @@ def check_model_folder(cfg: ModelConfig, path: str) -> None:
 
 def _hub_endpoint() -> tuple[str, int]:
     """Host and port a hub request would connect to first (the proxy, if one is set)."""
-    from urllib.parse import urlparse
 
     for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         if os.environ.get(var):
@@ -237,7 +239,6 @@ def _hub_endpoint() -> tuple[str, int]:
 @functools.lru_cache(maxsize=4)
 def _hub_unreachable(host: str, port: int, timeout_s: float = 3.0) -> str | None:
     """Why ``host:port`` cannot be reached within ``timeout_s`` (None: it answered)."""
-    import socket
 
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
@@ -318,7 +319,6 @@ def load_tokenizer(cfg: ModelConfig):
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model.name_or_path {cfg.name_or_path!r}: cannot load a tokenizer: {exc}") from None
-    from dude_dist.data import ensure_pad_token
 
     ensure_pad_token(tokenizer)
     return tokenizer
@@ -354,7 +354,6 @@ def load_model(cfg: ModelConfig):
             ``cfg.attn_implementation`` cannot run here (flash attention without its
             package or a GPU).
     """
-    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     problem = attn_implementation_problem(cfg.attn_implementation)

@@ -41,7 +41,6 @@ MFU needs, and the tokens/s that follow.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,8 +48,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dude_dist.adapters import find_targets, inject_dude, set_trainable_params
 from dude_dist.config import DTYPES, DudeConfig, RunConfig, batch_layout
-from dude_dist.errors import PlanError
+from dude_dist.errors import ConfigError, PlanError, read_json
+from dude_dist.models import resolve_model_path
 from dude_dist.sharded_init import plan_init
 from dude_dist.svd_init import measure_svd_gflops
 from dude_dist.throughput import FlopModel
@@ -91,7 +92,6 @@ def find_model_facts(name_or_path: str, model_config: str | Path | None = None,
             raise PlanError(f"--model-config {str(model_config)!r}: no such file (or no config.json in that folder)")
         return path
     if name_or_path.startswith("pkg:"):
-        from dude_dist.models import resolve_model_path
 
         name_or_path = resolve_model_path(name_or_path)
     local = Path(name_or_path).expanduser()
@@ -116,10 +116,7 @@ def find_model_facts(name_or_path: str, model_config: str | Path | None = None,
 def load_model_facts(path: str | Path) -> dict:
     """A ``config.json`` as a dict, without the ``_``-prefixed notes."""
     path = Path(path)
-    try:
-        facts = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    facts = read_json(path, PlanError)
     if "model_type" not in facts:
         raise PlanError(f"{path}: no 'model_type' key; is this a Hugging Face config.json?")
     return {k: v for k, v in facts.items() if not k.startswith("_")}
@@ -140,8 +137,6 @@ def inject_dude_shells(model: nn.Module, adapter: DudeConfig) -> dict[str, tuple
 
     Only the DuDe parameters require grad afterwards, as in a run.
     """
-    from dude_dist.adapters import find_targets, inject_dude, set_trainable_params
-
     layers = inject_dude(model, adapter, find_targets(model, adapter))
     set_trainable_params(model)
     return {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
@@ -550,3 +545,39 @@ def format_plan(plan: Plan) -> str:
         f"{init['bytes_residual'] / 1e6:.1f} MB ({100 * init['bytes_broadcast'] / init['bytes_residual']:.2f}%)",
     ]
     return "\n".join(lines)
+
+
+def check_replicated_model_fits(cfg: RunConfig, world_size: int, ranks_per_node: int, host_bytes: int,
+                                gpu_bytes: int | None) -> None:
+    """Refuse ZeRO stage 0-2 on several ranks when the model cannot be held whole by each.
+
+    Below stage 3 every rank builds and keeps the whole model (70B in bf16: ~138 GB per rank,
+    in host RAM while loading). The parameter count comes from the model's ``config.json``
+    (built on the meta device), so this runs before anything loads; a model whose facts
+    cannot be found is let through.
+
+    Raises:
+        ConfigError: the ranks of one node need more host RAM, or one rank more GPU memory,
+            than there is (the message gives both figures and what to set instead).
+    """
+    if cfg.deepspeed.zero_stage == 3 or world_size == 1:
+        return
+
+    try:
+        facts = load_model_facts(find_model_facts(cfg.model.name_or_path))
+    except PlanError:
+        return
+    dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
+    model_bytes = count_parameters(build_meta_model(facts))[0] * dtype_bytes
+    need_host = model_bytes * ranks_per_node
+    gib = 2**30
+    advice = "use deepspeed.zero_stage=3, which partitions the weights over the ranks"
+    if need_host > 0.9 * host_bytes:
+        raise ConfigError(
+            f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} on {world_size} ranks: each rank holds the whole model "
+            f"({model_bytes / gib:.1f} GiB), {need_host / gib:.1f} GiB for the {ranks_per_node} ranks of this node, "
+            f"but the node has {host_bytes / gib:.1f} GiB of RAM; {advice}")
+    if gpu_bytes is not None and model_bytes > 0.9 * gpu_bytes:
+        raise ConfigError(
+            f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} on {world_size} ranks: each GPU would hold the whole "
+            f"model ({model_bytes / gib:.1f} GiB) but has {gpu_bytes / gib:.1f} GiB; {advice}")

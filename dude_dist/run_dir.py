@@ -8,6 +8,7 @@ Layout::
         dude_init/          factor cache of the sharded SVD initialiser
         tensorboard/        TensorBoard events (rank 0)
         metrics.jsonl       one JSON object per logged step
+        dude_reference.safetensors  the DuDe tensors at step 0, for the dude/* dynamics
         summary.json        the final summary of the run
         eval_start.json     generation accuracy before training
         eval_end.json       ... and after
@@ -40,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".run.lock"
 # What a fresh start (step 0) moves aside; the factor cache stays (it is keyed and reused).
-RUN_OUTPUTS = ("metrics.jsonl", "tensorboard", "checkpoints", "summary.json", "eval_start.json", "eval_end.json")
+RUN_OUTPUTS = ("metrics.jsonl", "tensorboard", "checkpoints", "summary.json", "eval_start.json", "eval_end.json",
+               "dude_reference.safetensors")
 
 
 class RunDir:
@@ -74,6 +76,10 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def dynamics_reference(self) -> Path:
+        return self.root / "dude_reference.safetensors"
 
     @property
     def summary(self) -> Path:

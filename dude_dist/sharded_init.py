@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dude_dist import comm as comm_lib
@@ -227,7 +229,6 @@ def cache_key(cfg: DudeConfig, model_name: str, revision: str | None, dtype: str
 
 def load_cached_factors(cache_dir: Path, key: dict) -> dict[str, torch.Tensor] | None:
     """The cached factors if ``key`` matches the stored one; None (with a log line saying why) if not."""
-    from safetensors.torch import load_file
 
     key_path, data_path = cache_dir / CACHE_KEY_FILE, cache_dir / CACHE_FILE
     if not key_path.is_file() or not data_path.is_file():
@@ -247,9 +248,6 @@ def save_cached_factors(cache_dir: Path, key: dict, tensors: dict[str, torch.Ten
     warning naming the path and the reason, the temporary file is removed, and the run goes
     on. Returns whether the cache was written.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     tmp = cache_dir / (CACHE_FILE + f".tmp{os.getpid()}")
     tmp_key = cache_dir / (CACHE_KEY_FILE + f".tmp{os.getpid()}")
     try:

@@ -16,6 +16,7 @@ In every case ``B0 @ A0 = U_r S_r V_r^T``, the best rank-r approximation of ``W0
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 
 import torch
@@ -171,8 +172,6 @@ def measure_svd_gflops(rank: int, method: str, *, oversample: int = 8, niter: in
     is a rate in that model's units; a small SVD runs below the speed of large ones, so
     estimates made from it err on the slow side.
     """
-    import time
-
     device = torch.device(device)
     rank = min(rank, size)
     weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(device)

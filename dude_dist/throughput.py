@@ -36,9 +36,16 @@ subtracted: the count is a slight over-estimate there.
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+
+from dude_dist.dude import DudeLinear
+
+logger = logging.getLogger(__name__)
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s per device, from the vendors' data
 # sheets. The longest key contained in torch.cuda.get_device_name() wins, so "H100 PCIe"
@@ -101,7 +108,6 @@ class FlopModel:
     def from_model(cls, model: nn.Module, checkpointing: bool) -> FlopModel:
         """Read the shapes from a model's modules (no parameter storage is read, so a meta
         model or a ZeRO-3 partitioned one works) and its config's attention sizes."""
-        from dude_dist.dude import DudeLinear
 
         frozen = adapter = rebuilt = norms = norm_grads = 0
         for module in model.modules():
@@ -170,3 +176,45 @@ def throughput_scalars(flops: float, tokens: int, slots: int, seconds: float, wo
     if peak:
         out["train/mfu"] = per_device / peak
     return out
+
+
+class StepThroughput:
+    """The throughput scalars of a training run's steps, from the host-side sample counts.
+
+    Args:
+        model: the trained model (shapes only; a ZeRO-3 partitioned one works).
+        sampler: the run's :class:`dude_dist.sampler.StepSampler`.
+        counts: the training rows' host-side counts (``shape(indices)`` -> tokens, slots, sum n^2).
+        world_size: ranks.
+        device: this rank's device (a CUDA device's bf16 peak gives ``train/mfu``).
+        checkpointing: activation checkpointing recomputes the decoder layers.
+        peak_override: ``train.peak_tflops`` (0: the table).
+    """
+
+    def __init__(self, model: nn.Module, sampler, counts, world_size: int, device: torch.device,
+                 checkpointing: bool, peak_override: float = 0.0) -> None:
+        self.model, self.sampler, self.counts, self.world = model, sampler, counts, world_size
+        self.device, self.checkpointing, self.peak_override = device, checkpointing, peak_override
+
+    @functools.cached_property
+    def flop_model(self) -> FlopModel:
+        return FlopModel.from_model(self.model, self.checkpointing)
+
+    @functools.cached_property
+    def peak(self) -> float | None:
+        """One device's bf16 peak: ``train.peak_tflops`` or the GPU's table entry; None on a CPU."""
+        if self.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        found = peak_tflops(name, self.peak_override)
+        if found is None:
+            logger.warning("no bf16 peak known for %r: set train.peak_tflops to log train/mfu", name)
+        return found
+
+    def scalars(self, step: int, seconds: float) -> dict[str, float]:
+        """Real tokens/s, padding ratio, model TFLOP/s per device and MFU of step ``step``
+        (0-based), over every rank's micro-batches."""
+        micro = [m for rank in range(self.world) for m in self.sampler.micro_batches(step, rank)]
+        tokens, slots, square = self.counts.shape(micro)
+        flops = self.flop_model.step_flops(tokens, square, len(micro))
+        return throughput_scalars(flops, tokens, slots, seconds, self.world, self.peak)

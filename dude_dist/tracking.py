@@ -8,16 +8,30 @@ import json
 import os
 from pathlib import Path
 
+import psutil
+import torch
+
+from dude_dist.run_dir import RunDir
+
 
 def peak_memory_bytes() -> int:
     """Peak GPU memory of this process if on CUDA, else its current resident set size."""
-    import torch
 
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
-    import psutil
 
     return int(psutil.Process().memory_info().rss)
+
+
+def done_line(summary: dict, output_dir: str | Path) -> str:
+    """The line a finished run ends with: steps, training loss, held-out loss, output folder."""
+    held_out = ""
+    if summary.get("eval_loss_start") is not None and summary.get("eval_loss_end") is not None:
+        held_out = f", held-out loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f}"
+    first, last = summary.get("first_loss"), summary.get("last_loss")
+    return (f"done: steps {summary['start_step']}-{summary['end_step']}, training loss "
+            f"{float('nan') if first is None else first:.4f} -> {float('nan') if last is None else last:.4f}"
+            f"{held_out}; output in {output_dir}")
 
 
 class Tracker:
@@ -35,7 +49,6 @@ class Tracker:
     """
 
     def __init__(self, run_dir, rank: int, resume_step: int | None = None) -> None:
-        from dude_dist.run_dir import RunDir
 
         run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         self.enabled = rank == 0
@@ -57,6 +70,14 @@ class Tracker:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
         self.metrics.write(json.dumps({"step": step, **scalars}) + "\n")
+
+    def histograms(self, step: int, values: dict[str, list[float]]) -> None:
+        """TensorBoard histograms (rank 0), e.g. one value per layer of a layer type."""
+        if not self.enabled or not values:
+            return
+        for key, vals in values.items():
+            self.writer.add_histogram(key, torch.tensor(vals, dtype=torch.float64), step)
+        self.writer.flush()
 
     def close(self) -> None:
         if self.enabled:

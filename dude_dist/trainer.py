@@ -30,41 +30,38 @@ What the loop does when something goes wrong:
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 import torch
 from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from dude_dist import checkpoint as ckpt_lib
 from dude_dist import comm
 from dude_dist.adapters import adapter_parameters
-from dude_dist.config import RunConfig, batch_layout, config_to_dict
+from dude_dist.config import RunConfig, batch_layout
 from dude_dist.data import build_datasets, collate_batch
 from dude_dist.distributed import DistEnv, init_distributed, on_each_node_first, set_step_timeout
+from dude_dist.dynamics import DudeDynamics
 from dude_dist.errors import DudeError, TrainingError
 from dude_dist.evaluate import TrainingEvaluator
-from dude_dist.export import ADAPTER_FILE, DUDE_PARAMS_FILE, adapter_description, save_dude_params
-from dude_dist.failures import Faults, StopRequests, is_comm_failure, lost_peer_error
+from dude_dist.export import write_adapter_files
+from dude_dist.failures import Faults, NonFiniteStreak, StopRequests, is_comm_failure, lost_peer_error, step_problem
 from dude_dist.layer_grads import LayerGradNorms
 from dude_dist.loss import LossInputs, accepts_logits_to_keep, loss_inputs, summed_loss
 from dude_dist.models import load_model, load_tokenizer, prefetch_model
+from dude_dist.planner import check_replicated_model_fits
 from dude_dist.run_dir import RUN_OUTPUTS, RunDir  # noqa: F401  (RUN_OUTPUTS: what a fresh start moves)
 from dude_dist.sampler import StepSampler
 from dude_dist.sharded_init import Comm, cache_key, inject_and_init
-from dude_dist.throughput import FlopModel, peak_tflops, throughput_scalars
-from dude_dist.tracking import Tracker, peak_memory_bytes
+from dude_dist.throughput import StepThroughput
+from dude_dist.tracking import Tracker, done_line, peak_memory_bytes
 from dude_dist.zero import (
     build_ds_config,
-    check_replicated_model_fits,
     initialize_engine,
-    keep_whole,
     model_init_context,
 )
 
@@ -75,7 +72,7 @@ logger = logging.getLogger(__name__)
 class StepResult:
     """One optimizer step. ``skipped``: DeepSpeed did not apply it; ``nonfinite``: the reason
     was a non-finite loss or gradient (not an fp16 loss-scale overflow), described by ``problem``;
-    ``stop``: some rank asked to stop after this step."""
+    ``stop``: some rank asked to stop after this step; ``dynamics``: the ``dude/*`` scalars (rank 0)."""
 
     loss: float
     grad_norm: float
@@ -86,6 +83,7 @@ class StepResult:
     nonfinite: bool = False
     problem: str = ""
     stop: bool = False
+    dynamics: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -119,6 +117,7 @@ class Trainer:
         self.engine = self._setup_engine()
         self.trainable = adapter_parameters(self.engine.module)
         self.tracker = Tracker(self.run_dir, self.rank, resume_step=self.start_step if self.resume_from else None)
+        self.dynamics = self._setup_dynamics()
         if self.resume_from is not None:
             ckpt_lib.load_checkpoint(self.engine, self.resume_from, self.rank, trainable=self.trainable)
             logger.info("resumed from %s at step %d", self.resume_from, self.start_step)
@@ -132,6 +131,8 @@ class Trainer:
         self._can_skip = hasattr(self.engine.optimizer, "overflow")
         self._step = self.start_step
         self.stops = StopRequests(self.env.launcher)
+        self.throughput = StepThroughput(self.engine.module, self.sampler, self.counts, self.world, self.device,
+                                         cfg.train.gradient_checkpointing, cfg.train.peak_tflops)
         set_step_timeout(cfg.deepspeed.step_timeout_s)
         self.startup_seconds = time.perf_counter() - t_start
         logger.info("start-up took %.1f s", self.startup_seconds)
@@ -189,25 +190,27 @@ class Trainer:
                                    [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)])
         self.init_stats = inject_and_init(model, cfg.adapter, comm=Comm(), cache_dir=self.run_dir.factor_cache,
                                           cache_key=self.cache_key)
-        if cfg.train.gradient_checkpointing:
-            kwargs = {"use_reentrant": False}
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
-                                      weight_decay=cfg.train.weight_decay)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.train.warmup_ratio * self.total_steps),
-                                                    self.total_steps)
-        engine = initialize_engine(model, optimizer, scheduler, self.ds_config)
-        kept = keep_whole(engine, params)
-        if kept:
-            logger.info("ZeRO-3: %d DuDe parameters above the persistence threshold kept whole on every rank", kept)
+        engine = initialize_engine(model, cfg.train, self.total_steps, self.ds_config)
         stats = self.init_stats
         self.init_scalars = stats.scalars()
         logger.info("trainable parameters: %d in %d DuDe layers", stats.trainable_params, stats.layers)
         return engine
+
+    def _setup_dynamics(self) -> DudeDynamics | None:
+        """Rank 0 measures ``dude/*`` against the step-0 DuDe tensors: taken in the first forward
+        and saved by a fresh run, read back by a resumed one."""
+        if self.rank != 0 or not self.cfg.train.log_dynamics:
+            return None
+        if self.resume_from is not None:  # the reference of the run the checkpoint belongs to
+            dynamics = DudeDynamics.load(self.engine.module, RunDir.of_checkpoint(self.resume_from).dynamics_reference)
+            if dynamics is not None and not self.run_dir.dynamics_reference.is_file():
+                dynamics.save(self.run_dir.dynamics_reference)
+            return dynamics
+        return DudeDynamics(self.engine.module, save_to=self.run_dir.dynamics_reference)
+
+    def _logs(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (1-based) is logged."""
+        return step % self.cfg.train.log_every == 0 or step == self.total_steps
 
     # ------------------------------------------------------------------ one step
 
@@ -227,30 +230,6 @@ class Trainer:
         over the same samples padded."""
         rows = self.sampler.global_batch(step)
         return int(self.counts.targets[rows].sum()), int(self.counts.tokens[rows].sum())
-
-    @functools.cached_property
-    def flop_model(self) -> FlopModel:
-        """FLOPs per token, sample and pass of this model and adapter (:mod:`dude_dist.throughput`)."""
-        return FlopModel.from_model(self.engine.module, self.cfg.train.gradient_checkpointing)
-
-    @functools.cached_property
-    def peak_tflops(self) -> float | None:
-        """One device's bf16 peak for ``train/mfu``: ``train.peak_tflops`` or the GPU's table entry."""
-        if self.device.type != "cuda":
-            return None
-        name = torch.cuda.get_device_name(self.device)
-        peak = peak_tflops(name, self.cfg.train.peak_tflops)
-        if peak is None:
-            logger.warning("no bf16 peak known for %r: set train.peak_tflops to log train/mfu", name)
-        return peak
-
-    def step_throughput(self, step: int, seconds: float) -> dict[str, float]:
-        """Real tokens/s, padding ratio, model TFLOP/s per device and MFU of step ``step``
-        (0-based), from the host-side counts of every rank's micro-batches."""
-        micro = [m for rank in range(self.world) for m in self.sampler.micro_batches(step, rank)]
-        tokens, slots, square = self.counts.shape(micro)
-        flops = self.flop_model.step_flops(tokens, square, len(micro))
-        return throughput_scalars(flops, tokens, slots, seconds, self.world, self.peak_tflops)
 
     def forward_backward(self, step: int, micro_batches: list[LossInputs]
                          ) -> tuple[float, int, int, list[int], bool, float]:
@@ -317,45 +296,24 @@ class Trainer:
         t0 = time.perf_counter()
         lr = float(self.engine.get_lr()[0])
         self.layer_grads.reset(step)
+        if self.dynamics is not None and (self._logs(step + 1) or not self.dynamics.ready):
+            self.dynamics.arm()  # measured in the first forward: the parameters this step's loss sees
         loss, _, tokens, bad_samples, stop, grad_norm = self.forward_backward(step, self.batches(step))
         skipped = not self.engine.was_step_applied()
-        number = step + 1
-        if bad_samples and not skipped:
-            raise TrainingError(
-                f"non-finite loss at step {number} in training samples {bad_samples}, and DeepSpeed applied the "
-                f"update anyway (deepspeed.zero_stage={self.cfg.deepspeed.zero_stage}, "
-                f"model.dtype={self.cfg.model.dtype}): the parameters may be non-finite; stopping without a "
-                "checkpoint")
-        if bad_samples:
-            problem = f"non-finite loss at step {number} in training samples {bad_samples}"
-        elif skipped and self.cfg.model.dtype != "float16":
-            problem = f"non-finite gradient norm at step {number} (the loss was finite): {self.layer_grads.worst()}"
-        else:  # an fp16 loss-scale overflow: DeepSpeed lowers the scale; that is routine
-            problem = ""
+        problem = step_problem(step + 1, bad_samples, skipped, self.cfg, self.layer_grads.worst)
         return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens, step_time=time.perf_counter() - t0,
-                          skipped=skipped, nonfinite=bool(problem), problem=problem, stop=stop)
+                          skipped=skipped, nonfinite=bool(problem), problem=problem, stop=stop,
+                          dynamics=self.dynamics.collect() if self.dynamics is not None else {})
 
     # ------------------------------------------------------------------ state
 
     def save(self, step: int) -> None:
-        layout = self.layout
-        meta = {"fingerprint": ckpt_lib.fingerprint(self.cfg), "samples_seen": step * layout.global_batch_size,
-                "config": config_to_dict(self.cfg), "world_size": self.world,
-                "deepspeed_files": self.cfg.train.deepspeed_checkpoint,
-                "layout": {"micro_batch_size": layout.micro_batch_size, "grad_accum": layout.grad_accum,
-                           "global_batch_size": layout.global_batch_size}}
+        meta = ckpt_lib.run_meta(self.cfg, self.layout, self.world, step)
         ckpt_lib.save_checkpoint(
             self.engine, self.run_dir.checkpoints, step, meta, self.rank, self.cfg.train.keep_last,
-            write_extra=self._write_adapter, fail_after_files=self.faults.ckpt_crash_step == step,
+            write_extra=lambda d: write_adapter_files(self.engine.module, d, self.cfg, self.rank), fail_after_files=self.faults.ckpt_crash_step == step,
             trainable=self.trainable, deepspeed_files=self.cfg.train.deepspeed_checkpoint)
         self._last_saved = step
-
-    def _write_adapter(self, directory) -> None:
-        """The DuDe tensors as the model holds them, and what they are: enough for evaluation and
-        export on any world size."""
-        save_dude_params(self.engine.module, directory / DUDE_PARAMS_FILE, self.rank)
-        if self.rank == 0:
-            ckpt_lib.write_text_atomic(directory / ADAPTER_FILE, json.dumps(adapter_description(self.cfg), indent=1))
 
     def _should_save(self, step: int, stopping: bool) -> bool:
         every = self.cfg.train.save_every
@@ -387,56 +345,29 @@ class Trainer:
         latest = ckpt_lib.find_resume(self.run_dir.checkpoints)
         return lost_peer_error(exc, self.rank, self.peers, self.cfg.deepspeed.step_timeout_s, self._step + 1, latest)
 
-    def _evaluate_at_start(self, summary: dict) -> None:
-        if self.start_step:
-            return
-        if self.cfg.eval.at_start:
-            summary["eval_start"] = self.evaluator.accuracy("start")
-            self.tracker.log(0, summary["eval_start"])
-        if self.eval_set is not None:
-            first_eval = self.evaluator.loss()
-            summary["eval_loss_start"] = first_eval.get("eval/loss")
-            self.tracker.log(0, first_eval)
-
-    def _evaluate_at_end(self, step: int, summary: dict) -> None:
-        final_eval = self.evaluator.loss()
-        if final_eval:
-            self.tracker.log(step, final_eval)
-            summary["eval_loss_end"] = final_eval["eval/loss"]
-        if self.cfg.eval.at_end:
-            summary["eval_end"] = self.evaluator.accuracy("end")
-            self.tracker.log(step, summary["eval_end"])
-
     def _log_step(self, step: int, result: StepResult, bar) -> None:
-        speed = self.step_throughput(step - 1, result.step_time)
+        speed = self.throughput.scalars(step - 1, result.step_time)
         bar.update(1)
         bar.set_postfix(loss=f"{result.loss:.4f}", gnorm=f"{result.grad_norm:.3f}",
                         tok_s=f"{speed['train/tokens_per_s']:.0f}")
-        if step % self.cfg.train.log_every == 0 or step == self.total_steps or result.skipped:
+        if self._logs(step) or result.skipped:
             self.tracker.log(step, {
                 "train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": result.lr,
                 **speed, "train/step_time_s": result.step_time,
                 "train/memory_bytes": peak_memory_bytes(), "train/skipped_steps": self.engine.skipped_steps,
+                **result.dynamics,
             })
-
-    def _check_streak(self, streak: list[int], result: StepResult) -> None:
-        """Stop after ``train.max_nonfinite_steps`` non-finite steps in a row, before any save:
-        the failing step gets no checkpoint (one written at an earlier skipped step holds the
-        parameters from before the streak)."""
-        limit = self.cfg.train.max_nonfinite_steps
-        if len(streak) < limit:
-            return
-        latest = ckpt_lib.find_resume(self.run_dir.checkpoints)
-        kept = f"The newest checkpoint, {latest.name}," if latest else "No checkpoint"
-        raise TrainingError(
-            f"{result.problem}: {len(streak)} steps in a row skipped (steps {streak[0]}-{streak[-1]}), "
-            f"train.max_nonfinite_steps={limit}; stopping. {kept} holds the parameters from before step {streak[0]}")
+        every = self.cfg.train.histogram_every or 10 * self.cfg.train.log_every
+        if result.dynamics and (step % every == 0 or step == self.total_steps):
+            self.tracker.histograms(step, self.dynamics.histograms())
 
     def _run_steps(self, bar) -> tuple[int, bool, list[float]]:
         """Optimizer steps until the end or a stop; returns the last step, whether it stopped
         early, and the losses."""
         losses: list[float] = []
-        step, stopped, streak = self.start_step, False, []
+        step, stopped = self.start_step, False
+        streak = NonFiniteStreak(self.cfg.train.max_nonfinite_steps,
+                                 lambda: ckpt_lib.find_resume(self.run_dir.checkpoints))
         self._last_saved = self.start_step
         self.engine.train()
         while step < self.total_steps and not stopped:
@@ -444,14 +375,8 @@ class Trainer:
             result = self.step(step)
             step += 1
             losses.append(result.loss)
-            if not result.skipped:
-                streak = []
-            elif result.nonfinite:
-                streak.append(step)
-                logger.warning("step %d skipped: %s (%d in a row; train.max_nonfinite_steps=%d)", step,
-                               result.problem, len(streak), self.cfg.train.max_nonfinite_steps)
             self._log_step(step, result, bar)
-            self._check_streak(streak, result)
+            streak.after(step, result.skipped, result.nonfinite, result.problem)
             if self._should_eval(step):
                 self.tracker.log(step, self.evaluator.loss())
             stopped = result.stop
@@ -465,13 +390,14 @@ class Trainer:
     def _train(self) -> dict:
         summary: dict = {"init": self.init_stats.to_dict(), "start_step": self.start_step,
                          "startup_seconds": self.startup_seconds}
-        self._evaluate_at_start(summary)
+        if not self.start_step:
+            self.evaluator.at_start(summary, self.tracker)
         # A context, so the bar is closed before any error line is printed.
         with tqdm(total=self.total_steps, initial=self.start_step, disable=self.rank != 0, desc="train",
                   dynamic_ncols=True) as bar:
             step, stopped, losses = self._run_steps(bar)
         if not stopped:
-            self._evaluate_at_end(step, summary)
+            self.evaluator.at_end(step, summary, self.tracker)
         summary.update({"end_step": step, "stopped": stopped, "losses": losses,
                         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None})
         if self.rank == 0:
@@ -486,12 +412,7 @@ def main(cfg: RunConfig, resume: str = "auto", force_resume: bool = False) -> di
         trainer = Trainer(cfg, resume=resume, force_resume=force_resume)
         summary = trainer.train()
         if trainer.rank == 0:
-            held_out = ""
-            if summary.get("eval_loss_start") is not None and summary.get("eval_loss_end") is not None:
-                held_out = f", held-out loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f}"
-            logger.info("done: steps %d-%d, training loss %.4f -> %.4f%s; output in %s", summary["start_step"],
-                        summary["end_step"], summary["first_loss"] or float("nan"),
-                        summary["last_loss"] or float("nan"), held_out, cfg.output_dir)
+            logger.info(done_line(summary, cfg.output_dir))
         return summary
     finally:
         comm.destroy()

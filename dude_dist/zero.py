@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
+import importlib
 import logging
+import math
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dude_dist.config import BatchLayout, RunConfig
-from dude_dist.errors import ConfigError
+from dude_dist.config import BatchLayout, RunConfig, TrainConfig
+from dude_dist.errors import ConfigError, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,6 @@ def init_deepspeed_comm(backend: str, timeout: timedelta, rank: int, world_size:
     (about a minute on 2 cores) that gloo does not need; it is skipped here. GPUs are not
     affected.
     """
-    import importlib
-
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -98,12 +97,7 @@ def build_ds_config(cfg: RunConfig, layout: BatchLayout) -> dict:
         if not path.is_file():
             raise ConfigError(f"deepspeed.config_file {ds.config_file!r} does not exist"
                               + (" (it is a folder)" if path.is_dir() else ""))
-        try:
-            user = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"deepspeed.config_file {ds.config_file}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-        except (UnicodeDecodeError, OSError) as exc:
-            raise ConfigError(f"deepspeed.config_file {ds.config_file}: cannot be read as UTF-8 JSON ({exc})") from None
+        user = read_json(path, ConfigError, f"deepspeed.config_file {ds.config_file}")
         if not isinstance(user, dict):
             raise ConfigError(f"deepspeed.config_file {ds.config_file}: expected a JSON object of DeepSpeed keys, "
                               f"got a {type(user).__name__}")
@@ -176,44 +170,6 @@ def refresh_secondary_partition(param: torch.Tensor) -> None:
     param.ds_secondary_tensor = None
     with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
         pass  # on exit DeepSpeed partitions the gathered values again, secondary copy included
-
-
-def check_replicated_model_fits(cfg: RunConfig, world_size: int, ranks_per_node: int, host_bytes: int,
-                                gpu_bytes: int | None) -> None:
-    """Refuse ZeRO stage 0-2 on several ranks when the model cannot be held whole by each.
-
-    Below stage 3 every rank builds and keeps the whole model (70B in bf16: ~138 GB per rank,
-    in host RAM while loading). The parameter count comes from the model's ``config.json``
-    (built on the meta device), so this runs before anything loads; a model whose facts
-    cannot be found is let through.
-
-    Raises:
-        ConfigError: the ranks of one node need more host RAM, or one rank more GPU memory,
-            than there is (the message gives both figures and what to set instead).
-    """
-    if cfg.deepspeed.zero_stage == 3 or world_size == 1:
-        return
-    from dude_dist.errors import PlanError
-    from dude_dist.planner import build_meta_model, count_parameters, find_model_facts, load_model_facts
-
-    try:
-        facts = load_model_facts(find_model_facts(cfg.model.name_or_path))
-    except PlanError:
-        return
-    dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
-    model_bytes = count_parameters(build_meta_model(facts))[0] * dtype_bytes
-    need_host = model_bytes * ranks_per_node
-    gib = 2**30
-    advice = "use deepspeed.zero_stage=3, which partitions the weights over the ranks"
-    if need_host > 0.9 * host_bytes:
-        raise ConfigError(
-            f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} on {world_size} ranks: each rank holds the whole model "
-            f"({model_bytes / gib:.1f} GiB), {need_host / gib:.1f} GiB for the {ranks_per_node} ranks of this node, "
-            f"but the node has {host_bytes / gib:.1f} GiB of RAM; {advice}")
-    if gpu_bytes is not None and model_bytes > 0.9 * gpu_bytes:
-        raise ConfigError(
-            f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} on {world_size} ranks: each GPU would hold the whole "
-            f"model ({model_bytes / gib:.1f} GiB) but has {gpu_bytes / gib:.1f} GiB; {advice}")
 
 
 def keep_whole(engine, params: list[nn.Parameter]) -> int:
@@ -355,11 +311,26 @@ def load_trainable_state(engine, named: dict[str, nn.Parameter], tensors: dict[s
                 param.data.copy_(tensors[name].reshape(param.shape).to(param.dtype))
 
 
-def initialize_engine(model: nn.Module, optimizer, scheduler, ds_config: dict):
-    """``deepspeed.initialize`` with a torch optimizer (no CPU FusedAdam build)."""
+def initialize_engine(model: nn.Module, train: TrainConfig, total_steps: int, ds_config: dict):
+    """Activation checkpointing (``train.gradient_checkpointing``, non-reentrant), a torch AdamW
+    over the trainable parameters (no CPU FusedAdam build) with linear warm-up and cosine decay
+    over ``total_steps``, ``deepspeed.initialize``, and the DuDe parameters kept whole under
+    ZeRO-3 (:func:`keep_whole`). Returns the engine."""
     import deepspeed
+    from transformers import get_cosine_schedule_with_warmup
 
+    if train.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(train.warmup_ratio * total_steps), total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            model_parameters=params, config=ds_config)
+    kept = keep_whole(engine, params)
+    if kept:
+        logger.info("ZeRO-3: %d DuDe parameters above the persistence threshold kept whole on every rank", kept)
     return engine

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.common import proc_env  # noqa: F401  (re-exported: one child-process environment)
 from dude_dist.distributed import free_port  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,15 +70,6 @@ def require(name: str, *, import_it: bool = True) -> Any:
         return path
     hint = INSTALL.get(name, "")
     skip_or_fail(f"{name} is not installed" + (f"; {hint}" if hint else ""))
-
-
-def proc_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
-    env.pop("MASTER_PORT", None)
-    env.update(extra)
-    return env
 
 
 def launcher_cmd(nproc: int, launcher: str = "torchrun") -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dude_dist.tracking import read_scalars
 from tests.helpers import step_metrics, summary, train
@@ -39,6 +40,11 @@ def test_two_ranks_match_one_process(runs):
     g1, g2 = step_metrics(runs["single"], "train/grad_norm"), step_metrics(runs["two"], "train/grad_norm")
     for step in g1:
         assert abs(g1[step] - g2[step]) <= 1e-12 * abs(g1[step]), (step, g1[step], g2[step])
+    for key in ("dude/magnitude_drift", "dude/direction_change", "dude/update_norm"):
+        d1, d2 = step_metrics(runs["single"], key), step_metrics(runs["two"], key)
+        assert sorted(d1) == list(range(1, STEPS + 1)) and d1[STEPS] > 0, key
+        for step in d1:
+            assert abs(d1[step] - d2[step]) <= 1e-9 * abs(d1[step]), (key, step, d1[step], d2[step])
 
 
 def test_loss_falls_and_tensorboard_has_every_step(runs):
@@ -48,6 +54,13 @@ def test_loss_falls_and_tensorboard_has_every_step(runs):
                     "train/memory_bytes"):
             assert [s for s, _ in scalars[tag]] == list(range(1, STEPS + 1)), tag
         assert "eval/loss" in scalars and "init/svd_count" in scalars and "init/bytes_broadcast" in scalars
+        change = [v for _, v in scalars["dude/direction_change"]]
+        assert change[0] == 0.0 and change[-1] > change[STEPS // 2] > 0, change  # step 1 sees the step-0 values
+        acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"histograms": 0})
+        acc.Reload()
+        for kind in ("q_proj", "v_proj"):  # one value per layer, every 10th logged step
+            events = acc.Histograms(f"dude/direction_change/{kind}")
+            assert [e.step for e in events] == [10, 20, 30] and events[-1].histogram_value.num == 5, events
         losses = [v for _, v in scalars["train/loss"]]
         first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
         assert last < first - 0.5, f"loss did not fall: first 5 mean {first:.3f}, last 5 mean {last:.3f}"
@@ -158,6 +171,14 @@ def test_partitioned_run_takes_the_same_steps_and_resumes(runs, tmp_path):
     assert sorted(again) == list(range(11, STEPS + 1))
     for step in again:
         assert abs(again[step] - got[step]) <= 1e-6 * abs(got[step]), (step, again[step], got[step])
+    # the dynamics go on against the step-0 reference of the run the checkpoint came from
+    assert (resumed / "dude_reference.safetensors").is_file()
+    for key in ("dude/direction_change", "dude/update_norm", "dude/magnitude_drift"):
+        want_d, part_d, again_d = step_metrics(runs["two"], key), step_metrics(part, key), step_metrics(resumed, key)
+        assert sorted(again_d) == list(range(11, STEPS + 1)), key
+        for step in again_d:
+            assert abs(part_d[step] - want_d[step]) <= 1e-5 * abs(want_d[step]), (key, step)
+            assert abs(again_d[step] - part_d[step]) <= 1e-5 * abs(part_d[step]), (key, step)
 
 
 def test_hierarchical_partitioning_uses_the_residual(runs, tmp_path):

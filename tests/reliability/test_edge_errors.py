@@ -32,13 +32,12 @@ def test_resume_spelling_and_missing_folders_are_named(tmp_path, resume, message
 
 
 def test_a_full_disk_while_writing_the_factor_cache_is_a_warning(tmp_path, monkeypatch, caplog):
-    import safetensors.torch
 
     def full(tensors, filename, metadata=None):
         open(filename, "wb").write(b"partial")  # what a failed write leaves behind
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(sharded_init, "save_file", full)
     cache = tmp_path / "dude_init"
     monkeypatch.setattr(logging.getLogger("dude_dist"), "propagate", True)  # setup_logging turns it off
     with caplog.at_level(logging.WARNING, logger="dude_dist"):

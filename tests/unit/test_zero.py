@@ -6,7 +6,8 @@ import pytest
 
 from dude_dist.config import ConfigError, batch_layout
 from dude_dist.config_loader import load_config
-from dude_dist.zero import build_ds_config, check_replicated_model_fits
+from dude_dist.planner import check_replicated_model_fits
+from dude_dist.zero import build_ds_config
 
 GIB = 2**30
 
