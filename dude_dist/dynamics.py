@@ -159,6 +159,18 @@ class DudeDynamics:
             logger.warning("dude/* dynamics are off for this run: step-0 reference %s cannot be used (%s)", path, exc)
             return None
 
+    @classmethod
+    def for_run(cls, model: nn.Module, own: Path, resumed_from: Path | None) -> DudeDynamics | None:
+        """A fresh run's (``resumed_from`` None) takes its reference in the first forward and
+        keeps it at ``own``; a resumed run's reads the reference of the run its checkpoint
+        belongs to and keeps a copy at ``own``. None when that reference cannot be used."""
+        if resumed_from is None:
+            return cls(model, save_to=own)
+        dynamics = cls.load(model, resumed_from)
+        if dynamics is not None and not own.is_file():
+            dynamics.save(own)
+        return dynamics
+
     def arm(self) -> None:
         """Measure every layer in its next forward (once)."""
         self.disarm()

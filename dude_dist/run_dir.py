@@ -35,7 +35,7 @@ import socket
 import time
 from pathlib import Path
 
-from dude_dist.errors import RunDirBusyError, TrainingError
+from dude_dist.errors import DudeError, RunDirBusyError, TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,23 @@ class RunDir:
             probe.unlink()
         except OSError as exc:
             raise TrainingError(f"output_dir {str(self.root)!r} is not writable: {exc}") from None
+
+    def acquire_for_ranks(self, rank: int, broadcast_object) -> None:
+        """Rank 0 takes the lock; every rank learns the verdict through ``broadcast_object(obj,
+        src=0)`` (:func:`dude_dist.comm.broadcast_object`), so all stop with the same one line.
+
+        Raises:
+            TrainingError: the directory is busy or cannot be written (the reason, on every rank).
+        """
+        problem = ""
+        if rank == 0:
+            try:
+                self.acquire()
+            except DudeError as exc:
+                problem = str(exc)
+        problem = broadcast_object(problem, src=0)
+        if problem:
+            raise TrainingError(problem)
 
     def acquire(self) -> None:
         """Take the run lock for this process (rank 0), or fail at once naming the holder.

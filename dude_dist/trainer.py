@@ -54,16 +54,12 @@ from dude_dist.layer_grads import LayerGradNorms
 from dude_dist.loss import LossInputs, accepts_logits_to_keep, loss_inputs, summed_loss
 from dude_dist.models import load_model, load_tokenizer, prefetch_model
 from dude_dist.planner import check_replicated_model_fits
-from dude_dist.run_dir import RUN_OUTPUTS, RunDir  # noqa: F401  (RUN_OUTPUTS: what a fresh start moves)
+from dude_dist.run_dir import RunDir
 from dude_dist.sampler import StepSampler
 from dude_dist.sharded_init import Comm, cache_key, inject_and_init
 from dude_dist.throughput import StepThroughput
 from dude_dist.tracking import Tracker, done_line, peak_memory_bytes
-from dude_dist.zero import (
-    build_ds_config,
-    initialize_engine,
-    model_init_context,
-)
+from dude_dist.zero import build_ds_config, initialize_engine, model_init_context
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +99,7 @@ class Trainer:
         self.rank, self.world = self.env.rank, self.env.world_size
         self.peers = comm.all_gather_object((self.env.hostname, self.env.pid))
         self.run_dir = RunDir(cfg.output_dir)
-        self._setup_run_dir()
+        self.run_dir.acquire_for_ranks(self.rank, comm.broadcast_object)
         self.layout = batch_layout(cfg.train, self.world)
         self.device = self.env.device
         torch.manual_seed(cfg.train.seed)
@@ -117,7 +113,10 @@ class Trainer:
         self.engine = self._setup_engine()
         self.trainable = adapter_parameters(self.engine.module)
         self.tracker = Tracker(self.run_dir, self.rank, resume_step=self.start_step if self.resume_from else None)
-        self.dynamics = self._setup_dynamics()
+        self.dynamics = DudeDynamics.for_run(  # rank 0 logs dude/* against the step-0 DuDe tensors
+            self.engine.module, self.run_dir.dynamics_reference,
+            RunDir.of_checkpoint(self.resume_from).dynamics_reference if self.resume_from else None,
+        ) if self.rank == 0 and cfg.train.log_dynamics else None
         if self.resume_from is not None:
             ckpt_lib.load_checkpoint(self.engine, self.resume_from, self.rank, trainable=self.trainable)
             logger.info("resumed from %s at step %d", self.resume_from, self.start_step)
@@ -138,18 +137,6 @@ class Trainer:
         logger.info("start-up took %.1f s", self.startup_seconds)
 
     # ------------------------------------------------------------------ setup steps
-
-    def _setup_run_dir(self) -> None:
-        """Rank 0 locks the run directory; every rank learns the verdict (one line if refused)."""
-        problem = ""
-        if self.rank == 0:
-            try:
-                self.run_dir.acquire()
-            except DudeError as exc:
-                problem = str(exc)
-        problem = comm.broadcast_object(problem, src=0)
-        if problem:
-            raise TrainingError(problem)
 
     def _setup_data(self) -> None:
         """Tokenizer and datasets (built once per node first, so a hub download or a datasets
@@ -195,18 +182,6 @@ class Trainer:
         self.init_scalars = stats.scalars()
         logger.info("trainable parameters: %d in %d DuDe layers", stats.trainable_params, stats.layers)
         return engine
-
-    def _setup_dynamics(self) -> DudeDynamics | None:
-        """Rank 0 measures ``dude/*`` against the step-0 DuDe tensors: taken in the first forward
-        and saved by a fresh run, read back by a resumed one."""
-        if self.rank != 0 or not self.cfg.train.log_dynamics:
-            return None
-        if self.resume_from is not None:  # the reference of the run the checkpoint belongs to
-            dynamics = DudeDynamics.load(self.engine.module, RunDir.of_checkpoint(self.resume_from).dynamics_reference)
-            if dynamics is not None and not self.run_dir.dynamics_reference.is_file():
-                dynamics.save(self.run_dir.dynamics_reference)
-            return dynamics
-        return DudeDynamics(self.engine.module, save_to=self.run_dir.dynamics_reference)
 
     def _logs(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) is logged."""
@@ -336,14 +311,11 @@ class Trainer:
             return self._train()
         except RuntimeError as exc:
             if self.world > 1 and not isinstance(exc, DudeError) and is_comm_failure(exc):
-                raise self._lost_peer_error(exc) from exc
+                raise lost_peer_error(exc, self.rank, self.peers, self.cfg.deepspeed.step_timeout_s, self._step + 1,
+                                      ckpt_lib.find_resume(self.run_dir.checkpoints)) from exc
             raise
         finally:
             self.run_dir.release()
-
-    def _lost_peer_error(self, exc: BaseException) -> TrainingError:
-        latest = ckpt_lib.find_resume(self.run_dir.checkpoints)
-        return lost_peer_error(exc, self.rank, self.peers, self.cfg.deepspeed.step_timeout_s, self._step + 1, latest)
 
     def _log_step(self, step: int, result: StepResult, bar) -> None:
         speed = self.throughput.scalars(step - 1, result.step_time)
