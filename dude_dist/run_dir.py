@@ -164,8 +164,16 @@ class RunDir:
         present = [name for name in RUN_OUTPUTS if (self.root / name).exists()]
         if not present:
             return None
-        dest = self.root / "previous" / time.strftime("%Y%m%d-%H%M%S")
-        dest.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        (self.root / "previous").mkdir(parents=True, exist_ok=True)
+        dest, n = self.root / "previous" / stamp, 0
+        while True:  # two fresh starts in one second get two folders
+            try:
+                dest.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+                dest = self.root / "previous" / f"{stamp}-{n}"
         for name in present:
             os.replace(self.root / name, dest / name)
         logger.warning("output_dir held an earlier run; moved %s to %s", ", ".join(present), dest)
