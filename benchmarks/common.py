@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from dude_dist.distributed import child_env as proc_env  # noqa: F401  (re-exported for the benchmark scripts)
 from dude_dist.distributed import free_port  # noqa: F401  (re-exported for the benchmark scripts)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,16 +213,6 @@ def update_readme(name: str) -> bool:
     table = (RESULTS / f"{name}.md").read_text().strip()
     readme.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
     return True
-
-
-def proc_env(**extra: str) -> dict[str, str]:
-    """Environment for benchmark subprocesses: one thread each, offline, unbuffered."""
-    env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error"})
-    env.pop("MASTER_PORT", None)
-    env.update(extra)
-    return env
 
 
 def torchrun_cmd(nproc: int) -> list[str]:

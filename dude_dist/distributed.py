@@ -97,6 +97,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """This environment for a child run started from Python (tests, benchmarks): one OpenMP
+    thread per process, the hub and datasets offline, unbuffered output, transformers' own
+    warnings off, and no inherited ``MASTER_PORT`` (each launch picks its own); ``extra`` last."""
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error"})
+    env.pop("MASTER_PORT", None)
+    env.update(extra)
+    return env
+
+
 def expand_slurm_nodelist(nodelist: str) -> list[str]:
     """Expand a SLURM node list (``node[01-03,07],gpu5``) without needing ``scontrol``."""
     hosts: list[str] = []

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.common import proc_env  # noqa: F401  (re-exported: one child-process environment)
+from dude_dist.distributed import child_env as proc_env  # noqa: F401  (re-exported for the tests)
 from dude_dist.distributed import free_port  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
