@@ -341,42 +341,81 @@ def _pair_ids(tokenizer: Any, context: str, continuation: str) -> tuple[list[int
 
 
 @torch.no_grad()
+def sequence_logprobs(model: Any, pad_id: int, requests: Sequence[tuple[list[int], list[tuple[int, list[int]]]]],
+                      batch_size: int, forwards: int | None = None) -> list[list[list[float]]]:
+    """Log-probabilities read from one forward per sequence, in float32.
+
+    Args:
+        requests: ``(ids, queries)`` per sequence; a query ``(t, tokens)`` asks for
+            ``log p(token | ids[:t])`` of each token (``t >= 1``).
+        forwards: run exactly this many batches (ZeRO-3 with several ranks, where every
+            forward gathers from all ranks): extra batches repeat the first and are discarded.
+
+    Returns:
+        Per sequence, per query, the tokens' log-probabilities.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    batches = [list(requests[i:i + batch_size]) for i in range(0, len(requests), batch_size)]
+    real = len(batches)
+    if forwards is not None:
+        batches += [[requests[0] if requests else ([pad_id, pad_id], [])]] * (forwards - real)
+    out: list[list[list[float]]] = []
+    try:
+        for b, batch in enumerate(batches):
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (seq, _) in enumerate(batch):
+                ids[row, :len(seq)] = torch.tensor(seq)
+                mask[row, :len(seq)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            if b >= real:
+                continue
+            for row, (_, queries) in enumerate(batch):
+                rows = logits[row, [t - 1 for t, _ in queries]].float().log_softmax(-1).cpu()
+                out.append([rows[q, toks].tolist() for q, (_, toks) in enumerate(queries)])
+    finally:
+        model.train(was_training)
+    return out
+
+
 def continuation_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int,
                           forwards: int | None = None) -> list[float]:
     """``sum log p(continuation | context)`` of each ``(context, continuation)``, in float32.
 
     Args:
-        forwards: run exactly this many batches (ZeRO-3 with several ranks, where every
-            forward gathers from all ranks): extra batches are label-free and discarded.
+        forwards: see :func:`sequence_logprobs`.
     """
     pad_id = ensure_pad_token(tokenizer)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    encoded = [_pair_ids(tokenizer, c, x) for c, x in pairs]
-    batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
-    if forwards is not None:
-        batches += [[encoded[0] if encoded else ([pad_id], [pad_id])]] * (forwards - len(batches))
-    scores: list[float] = []
-    try:
-        for b, batch in enumerate(batches):
-            width = max(len(c) + len(x) for c, x in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (ctx, cont) in enumerate(batch):
-                ids[row, :len(ctx) + len(cont)] = torch.tensor(ctx + cont)
-                labels[row, len(ctx):len(ctx) + len(cont)] = torch.tensor(cont)
-                mask[row, :len(ctx) + len(cont)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-            target = labels[:, 1:].to(device)
-            logp = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX,
-                                                      reduction="none")
-            if b * batch_size < len(encoded):
-                scores.extend(logp.sum(dim=1).tolist())
-    finally:
-        model.train(was_training)
-    return scores[: len(encoded)]
+    requests = []
+    for context, continuation in pairs:
+        ctx, cont = _pair_ids(tokenizer, context, continuation)
+        requests.append((ctx + cont, [(len(ctx) + i, [tok]) for i, tok in enumerate(cont)]))
+    return [sum(q[0] for q in res) for res in sequence_logprobs(model, pad_id, requests, batch_size, forwards)]
+
+
+def _choice_requests(tokenizer: Any, prompt: str, choices: Sequence[str]) -> list[tuple[list[int], list]]:
+    """The sequences that score every choice's continuation after ``prompt``. When the
+    continuations differ only in their last token (``... answer1`` / ``... answer2``), one
+    sequence does: the shared tokens are read once, and the last position for every choice."""
+    encoded = [_pair_ids(tokenizer, prompt, LOGLIK_TEMPLATE.format(choice=c)) for c in choices]
+    ctx, first = encoded[0]
+    lasts = [cont[-1] for _, cont in encoded]
+    if (all(c == ctx and len(x) == len(first) and x[:-1] == first[:-1] for c, x in encoded)
+            and len(set(lasts)) == len(lasts)):
+        shared = [(len(ctx) + i, [tok]) for i, tok in enumerate(first[:-1])]
+        return [(ctx + first, [*shared, (len(ctx) + len(first) - 1, lasts)])]
+    return [(c + x, [(len(c) + i, [tok]) for i, tok in enumerate(x)]) for c, x in encoded]
+
+
+def _choice_scores(answers: list[list[list[float]]], n_choices: int) -> list[float]:
+    """Summed log-likelihood of each choice from :func:`_choice_requests`' answers."""
+    if len(answers) == 1 and n_choices > 1:  # the shared sequence
+        shared = sum(q[0] for q in answers[0][:-1])
+        return [shared + last for last in answers[0][-1]]
+    return [sum(q[0] for q in res) for res in answers]
 
 
 def evaluate_commonsense_loglik(model: Any, tokenizer: Any, task: str, items: Sequence[dict], *, batch_size: int,
@@ -384,33 +423,32 @@ def evaluate_commonsense_loglik(model: Any, tokenizer: Any, task: str, items: Se
     """Multiple-choice accuracy on one commonsense task: the choice whose continuation
     ``the correct answer is <choice>`` after the item's prompt has the highest summed
     log-likelihood (the continuations differ only in the choice keyword, so no length
-    normalisation). Items are shared out over the ranks as for generation.
+    normalisation; one forward per item when they differ in one token). Items are shared
+    out over the ranks as for generation.
 
     Returns:
         ``accuracy``, ``n``, ``correct`` and ``records`` (instruction, reference, choices,
         logprobs, predicted, correct per item).
     """
+    pad_id = ensure_pad_token(tokenizer)
     mine = _shard(list(range(len(items))), rank, world_size)
-    pairs, owners = [], []
+    requests, spans = [], []
     for i in mine:
         prompt = instruction_prompt(items[i]["instruction"], items[i].get("input") or "")
-        for choice in answer_choices(task, items[i]["instruction"]):
-            pairs.append((prompt, LOGLIK_TEMPLATE.format(choice=choice)))
-            owners.append((i, choice))
+        choices = answer_choices(task, items[i]["instruction"])
+        reqs = _choice_requests(tokenizer, prompt, choices)
+        spans.append((i, choices, len(requests), len(reqs)))
+        requests += reqs
     forwards = None
     if synced_gpus and world_size > 1:
-        forwards = max(comm.all_gather_object(math.ceil(len(pairs) / batch_size)))
-    scores = continuation_logprobs(model, tokenizer, pairs, batch_size, forwards)
+        forwards = max(comm.all_gather_object(math.ceil(len(requests) / batch_size)))
+    answers = sequence_logprobs(model, pad_id, requests, batch_size, forwards)
     records: dict[int, dict] = {}
-    for (i, choice), score in zip(owners, scores):
-        rec = records.setdefault(i, {"instruction": items[i]["instruction"], "reference": items[i]["answer"],
-                                     "choices": [], "logprobs": []})
-        rec["choices"].append(choice)
-        rec["logprobs"].append(score)
-    for rec in records.values():
-        best = max(range(len(rec["choices"])), key=rec["logprobs"].__getitem__)
-        rec["predicted"] = rec["choices"][best]
-        rec["correct"] = rec["predicted"] == rec["reference"]
+    for i, choices, start, count in spans:
+        scores = _choice_scores(answers[start:start + count], len(choices))
+        best = max(range(len(choices)), key=scores.__getitem__)
+        records[i] = {"instruction": items[i]["instruction"], "reference": items[i]["answer"], "choices": choices,
+                      "logprobs": scores, "predicted": choices[best], "correct": choices[best] == items[i]["answer"]}
     if world_size > 1:
         merged: dict[int, dict] = {}
         for part in comm.all_gather_object(records):

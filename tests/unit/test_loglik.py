@@ -107,3 +107,20 @@ def test_loglik_mode_is_validated():
         EvalConfig(mode="sample")
     with pytest.raises(ConfigError, match="gsm8k has no answer choices"):
         EvalConfig(tasks=("gsm8k", "boolq"), mode="loglik")
+
+
+@pytest.mark.parametrize("choices", [["answer1", "answer2", "answer3"], ["true", "false"], ["solution1", "solution2"]])
+def test_one_shared_sequence_scores_like_one_sequence_per_choice(stories_path, choices):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dude_dist.evaluate import LOGLIK_TEMPLATE, _choice_requests, _choice_scores, sequence_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(stories_path, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(stories_path)
+    prompt = instruction_prompt("Is the sky blue?\n\nAnswer format: " + "/".join(choices))
+    requests = _choice_requests(tok, prompt, choices)
+    got = _choice_scores(sequence_logprobs(model, tok.pad_token_id or 0, requests, batch_size=2), len(choices))
+    want = continuation_logprobs(model, tok, [(prompt, LOGLIK_TEMPLATE.format(choice=c)) for c in choices],
+                                 batch_size=1)
+    assert got == pytest.approx(want, abs=1e-4)
+    assert len(requests) in (1, len(choices))
