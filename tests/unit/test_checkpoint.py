@@ -155,3 +155,144 @@ def test_resume_with_dropout_reproduces_the_losses(tmp_path, stories_path):
     assert [got[s] for s in (3, 4)] == [want[s] for s in (3, 4)], (want, got)
     grad = step_metrics(whole, "train/grad_norm"), step_metrics(resumed, "train/grad_norm")
     assert [grad[1][s] for s in (3, 4)] == [grad[0][s] for s in (3, 4)]
+
+
+# --------------------------------------------------------------------------- portable state, in process
+
+
+class TorchEngine:
+    """The parts of a DeepSpeed engine the portable state reads and writes, without ZeRO: a
+    module, torch's AdamW, an LR schedule and the step counters."""
+
+    def __init__(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        self.module = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 2))
+        self.module[1].requires_grad_(False)  # frozen: not part of the state
+        self.optimizer = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=0.1,
+                                           weight_decay=0.01)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0 / (1 + s))
+        self.global_steps = self.global_samples = self.skipped_steps = 0
+
+    def trainable(self) -> dict:
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def train_step(self) -> None:
+        x = torch.randn(4, 5)  # draws from the generator, as dropout would
+        loss = self.module(x).pow(2).sum() * (1 + random.random())
+        loss.backward()
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad()
+        self.global_steps += 1
+        self.global_samples += 4
+        self.skipped_steps += self.global_steps % 2
+
+
+def _portable_save(engine: TorchEngine, root: Path, step: int, **kw) -> Path:
+    return ckpt_lib.save_checkpoint(engine, root, step, {"world_size": 1}, rank=0, keep_last=3,
+                                    trainable=engine.trainable(), **kw)
+
+
+def test_portable_resume_continues_exactly_where_the_run_stopped(tmp_path):
+    torch.manual_seed(0)
+    random.seed(0)
+    run = TorchEngine(seed=1)
+    for _ in range(3):
+        run.train_step()
+    ckpt = _portable_save(run, tmp_path / "checkpoints", 3)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["manifest.json", "meta.json", "rng.safetensors",
+                                                      "state.json", "trainable.safetensors"]
+    for _ in range(2):
+        run.train_step()
+
+    resumed = TorchEngine(seed=1)  # a new process: the same base model ...
+    with torch.no_grad():
+        resumed.module[0].weight.add_(1.0)  # ... trainable values that the checkpoint must replace,
+    torch.manual_seed(99)  # other seeds and draws
+    random.seed(99)
+    meta = ckpt_lib.load_checkpoint(resumed, ckpt, rank=0, trainable=resumed.trainable())
+    assert meta["step"] == 3
+    assert (resumed.global_steps, resumed.global_samples, resumed.skipped_steps) == (3, 12, 2)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 / 4)  # the schedule's rate, in the optimizer
+    for _ in range(2):
+        resumed.train_step()
+    for (name, want), got in zip(run.module.named_parameters(), resumed.module.parameters()):
+        if want.requires_grad:
+            assert torch.equal(want, got), name
+    for p_run, p_res in zip(run.optimizer.param_groups[0]["params"], resumed.optimizer.param_groups[0]["params"]):
+        s_run, s_res = run.optimizer.state[p_run], resumed.optimizer.state[p_res]
+        assert float(s_run["step"]) == float(s_res["step"]) == 5
+        assert torch.equal(s_run["exp_avg"], s_res["exp_avg"]) and torch.equal(s_run["exp_avg_sq"], s_res["exp_avg_sq"])
+
+
+def test_portable_state_holds_masters_moments_step_and_every_counter(tmp_path):
+    torch.manual_seed(3)
+    run = TorchEngine(seed=3)
+    run.train_step()
+    run.train_step()
+    ckpt = _portable_save(run, tmp_path, 2)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(ckpt / "trainable.safetensors"))
+    weight = run.module[0].weight
+    assert sorted(tensors) == sorted(f"0.{p}{k}" for p in ("weight", "bias") for k in ("", ".exp_avg", ".exp_avg_sq"))
+    assert torch.equal(tensors["0.weight"], weight.detach())
+    assert torch.equal(tensors["0.weight.exp_avg_sq"], run.optimizer.state[weight]["exp_avg_sq"])
+    state = json.loads((ckpt / "state.json").read_text())
+    assert {k: state[k] for k in ("adam_step", "world_size", "global_steps", "global_samples", "skipped_steps")} == {
+        "adam_step": 2, "world_size": 1, "global_steps": 2, "global_samples": 8, "skipped_steps": 1}
+    assert state["scheduler"]["last_epoch"] == 2 and len(state["python_rng"]) == 1
+    assert not list(ckpt.glob("*.pt"))  # nothing pickled
+
+
+def test_portable_rng_continues_the_writers_stream_per_rank(tmp_path):
+    torch.manual_seed(7)
+    random.seed(7)
+    ckpt = _portable_save(TorchEngine(seed=7), tmp_path, 1)
+    after = draws()
+    # a writer with two ranks: rank r of a bigger run takes the writer's rank r mod 2
+    from safetensors.torch import load_file, save_file
+
+    rng = load_file(str(ckpt / "rng.safetensors"))
+    torch.manual_seed(8)
+    other_torch = torch.get_rng_state()
+    rng["rank1.torch"] = other_torch
+    save_file(rng, str(ckpt / "rng.safetensors"))
+    state = json.loads((ckpt / "state.json").read_text())
+    random.seed(8)
+    state["python_rng"].append(ckpt_lib._json_rng(random.getstate()))
+    state["world_size"] = 2
+    (ckpt / "state.json").write_text(json.dumps(state))
+    torch.manual_seed(8)
+    random.seed(8)
+    rank1_after = draws()
+
+    for rank, want in ((0, after), (2, after), (1, rank1_after), (3, rank1_after)):
+        torch.manual_seed(1000 + rank)
+        random.seed(1000 + rank)
+        engine = TorchEngine(seed=5)
+        ckpt_lib.load_portable_state(engine, ckpt, engine.trainable(), rank)
+        assert draws() == want, rank
+
+
+def test_a_portable_checkpoint_of_another_layout_names_the_parameter(tmp_path):
+    ckpt = _portable_save(TorchEngine(seed=1), tmp_path, 1)
+    bigger = TorchEngine(seed=1)
+    bigger.module[0] = torch.nn.Linear(6, 3)
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"0.weight has shape \(3, 5\) there and \(3, 6\) in this model"):
+        ckpt_lib.load_checkpoint(bigger, ckpt, rank=0, trainable=bigger.trainable())
+    renamed = TorchEngine(seed=1)
+    trainable = {f"model.{k}": v for k, v in renamed.trainable().items()}
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"trainable.safetensors has no 'model.0.weight'"):
+        ckpt_lib.load_checkpoint(renamed, ckpt, rank=0, trainable=trainable)
+
+
+def test_deepspeed_files_are_written_only_when_asked(tmp_path):
+    engine = TorchEngine(seed=1)
+    engine.save_checkpoint = StandInEngine().save_checkpoint
+    plain = _portable_save(engine, tmp_path / "a", 1)
+    both = _portable_save(engine, tmp_path / "b", 1, deepspeed_files=True)
+    assert not (plain / StandInEngine.FILE).exists() and not (plain / "rng_rank0.pt").exists()
+    assert (both / StandInEngine.FILE).is_file() and (both / "rng_rank0.pt").is_file()
+    assert ckpt_lib.is_portable(both) and ckpt_lib.is_portable(plain)
+    assert not ckpt_lib.is_portable(save(tmp_path / "c", 1))
