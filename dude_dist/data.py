@@ -584,8 +584,8 @@ def pack_dataset(ds: datasets.Dataset, max_seq_len: int, seed: int = 0) -> tuple
     has exactly the targets, and (in exact arithmetic) the loss, of its samples padded.
 
     Returns:
-        Columns ``input_ids``, ``labels``, ``seq_lens``; and ``rows``, ``fill`` (real tokens
-        over ``rows * max_seq_len``).
+        Columns ``input_ids``, ``labels``, ``seq_lens`` and ``sample_ids`` (each sample's index
+        in ``ds``, for messages); and ``rows``, ``fill`` (real tokens over ``rows * max_seq_len``).
     """
     table = ds.with_format("arrow")[:]
     lengths = pc.list_value_length(table.column("input_ids")).to_numpy().astype(np.int64)
@@ -603,6 +603,7 @@ def pack_dataset(ds: datasets.Dataset, max_seq_len: int, seed: int = 0) -> tuple
         "input_ids": pa.ListArray.from_arrays(pa.array(row_tokens, pa.int32()), pa.array(input_ids)),
         "labels": pa.ListArray.from_arrays(pa.array(row_tokens, pa.int32()), pa.array(labels)),
         "seq_lens": pa.ListArray.from_arrays(pa.array(row_samples, pa.int32()), pa.array(seq_lens)),
+        "sample_ids": pa.ListArray.from_arrays(pa.array(row_samples, pa.int32()), pa.array(order)),
     })
     fill = float(lengths.sum()) / (len(rows) * max_seq_len)
     logger.info("packing: %d samples into %d rows of %d tokens, %.1f%% filled", len(lengths), len(rows),

@@ -61,12 +61,13 @@ class Faults:
                    inf_grad_layer=layer.strip(), ckpt_crash_step=int(crash) if crash else None)
 
 
-def step_problem(number: int, bad_samples: list[int], skipped: bool, cfg, worst_layer: Callable[[], str]) -> str:
+def step_problem(number: int, bad_samples: str, skipped: bool, cfg, worst_layer: Callable[[], str]) -> str:
     """Why optimizer step ``number`` (1-based) was skipped, or "" when it was applied or only
     hit an fp16 loss-scale overflow (DeepSpeed lowers the scale; that is routine).
 
     Args:
-        bad_samples: training-set indices of the micro-batches whose loss was non-finite.
+        bad_samples: the training samples whose loss was non-finite, as words
+            (``"training samples [3, 8]"``), or "" when every loss was finite.
         skipped: DeepSpeed did not apply the step.
         cfg: the run config (``model.dtype``, ``deepspeed.zero_stage`` for the messages).
         worst_layer: names the DuDe layer to look at (collective: called on every rank or none).
@@ -76,11 +77,11 @@ def step_problem(number: int, bad_samples: list[int], skipped: bool, cfg, worst_
     """
     if bad_samples and not skipped:
         raise TrainingError(
-            f"non-finite loss at step {number} in training samples {bad_samples}, and DeepSpeed applied the "
+            f"non-finite loss at step {number} in {bad_samples}, and DeepSpeed applied the "
             f"update anyway (deepspeed.zero_stage={cfg.deepspeed.zero_stage}, model.dtype={cfg.model.dtype}): the "
             "parameters may be non-finite; stopping without a checkpoint")
     if bad_samples:
-        return f"non-finite loss at step {number} in training samples {bad_samples}"
+        return f"non-finite loss at step {number} in {bad_samples}"
     if skipped and cfg.model.dtype != "float16":
         return f"non-finite gradient norm at step {number} (the loss was finite): {worst_layer()}"
     return ""

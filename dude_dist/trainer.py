@@ -262,9 +262,18 @@ class Trainer:
         bad = [self.sampler.micro_batches(step, slot // accum)[slot % accum] for slot, f in enumerate(seen) if f]
         if bad:
             raise TrainingError(
-                f"non-finite loss at step {step + 1} in training samples {sorted(i for b in bad for i in b)}; with "
+                f"non-finite loss at step {step + 1} in {self.describe_rows(sorted(i for b in bad for i in b))}; with "
                 f"deepspeed.zero_stage={self.cfg.deepspeed.zero_stage} and model.dtype={self.cfg.model.dtype} "
                 "DeepSpeed cannot skip a step, so the run stops here (no checkpoint written)")
+
+    def describe_rows(self, rows: list[int]) -> str:
+        """Training rows in words for a message ("" for none): their sample indices, and for
+        packed rows also the row indices."""
+        if not rows:
+            return ""
+        if "sample_ids" not in self.train_set.column_names:
+            return f"training samples {rows}"
+        return f"packed rows {rows} (training samples {sorted(i for r in rows for i in self.train_set[r]['sample_ids'])})"
 
     def step(self, step: int) -> StepResult:
         """Optimizer step ``step`` (0-based); reports whether DeepSpeed skipped it, and why."""
@@ -275,7 +284,7 @@ class Trainer:
             self.dynamics.arm()  # measured in the first forward: the parameters this step's loss sees
         loss, _, tokens, bad_samples, stop, grad_norm = self.forward_backward(step, self.batches(step))
         skipped = not self.engine.was_step_applied()
-        problem = step_problem(step + 1, bad_samples, skipped, self.cfg, self.layer_grads.worst)
+        problem = step_problem(step + 1, self.describe_rows(bad_samples), skipped, self.cfg, self.layer_grads.worst)
         return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens, step_time=time.perf_counter() - t0,
                           skipped=skipped, nonfinite=bool(problem), problem=problem, stop=stop,
                           dynamics=self.dynamics.collect() if self.dynamics is not None else {})

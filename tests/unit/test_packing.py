@@ -109,7 +109,8 @@ def test_a_packed_sample_is_no_target_at_its_first_token():
     ds = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7], [8, 9]], "labels": [[5, 6, 7], [8, 9]]})
     packed, stats = pack_dataset(ds, 8)
     assert stats == {"rows": 1, "fill": 5 / 8}
-    assert packed[0] == {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, -100, 9], "seq_lens": [3, 2]}
+    assert packed[0] == {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, -100, 9], "seq_lens": [3, 2],
+                         "sample_ids": [0, 1]}
     assert row_counts(packed).targets.tolist() == [3] == [row_counts(ds).targets.sum()]
 
 
@@ -342,3 +343,21 @@ def test_attn_implementation_is_one_of_three_and_checked_against_the_machine(mon
     assert "needs the flash_attn package" in attn_implementation_problem("flash_attention_2", cuda=True)
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
     assert attn_implementation_problem("flash_attention_2", cuda=True) is None
+
+
+def test_packed_rows_name_their_samples_for_messages(gsm8k):
+    from types import SimpleNamespace
+
+    from dude_dist.trainer import Trainer
+
+    plain, packed = gsm8k
+    ids = packed.train["sample_ids"]
+    assert sorted(i for row in ids for i in row) == list(range(len(plain.train)))
+    for r in (0, len(ids) - 1):  # a row is its samples' tokens back to back, in sample_ids order
+        want = [t for i in ids[r] for t in plain.train[i]["input_ids"]]
+        assert packed.train[r]["input_ids"] == want
+        assert packed.train[r]["seq_lens"] == [len(plain.train[i]["input_ids"]) for i in ids[r]]
+    where = Trainer.describe_rows(SimpleNamespace(train_set=packed.train), [1, 0])
+    assert where == f"packed rows [1, 0] (training samples {sorted(ids[0] + ids[1])})"
+    assert Trainer.describe_rows(SimpleNamespace(train_set=plain.train), [4, 9]) == "training samples [4, 9]"
+    assert Trainer.describe_rows(SimpleNamespace(train_set=plain.train), []) == ""
