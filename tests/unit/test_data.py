@@ -252,7 +252,7 @@ def test_packing_puts_whole_samples_in_rows(tokenizer, data_dir):
     plain = build_datasets(base, tokenizer).train
     packed = build_datasets(dataclasses.replace(base, packing=True), tokenizer)
     rows = packed.train
-    assert rows.column_names == ["input_ids", "labels", "seq_lens"]
+    assert rows.column_names == ["input_ids", "labels", "seq_lens", "sample_ids"]
     assert 1 < len(rows) == packed.stats["rows"] < len(plain)
     assert all(len(r["input_ids"]) == len(r["labels"]) == sum(r["seq_lens"]) <= 1024 for r in rows)
     pieces = []
