@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import socket
 
 import pytest
@@ -11,6 +13,11 @@ import pytest
 from dude_dist import run_dir as run_dir_lib
 from dude_dist.errors import RunDirBusyError, TrainingError
 from dude_dist.run_dir import RUN_OUTPUTS, RunDir
+
+
+@pytest.fixture(autouse=True)
+def _propagate(monkeypatch):
+    monkeypatch.setattr(logging.getLogger("dude_dist"), "propagate", True)  # setup_logging turns it off
 
 
 def test_every_path_has_one_name_under_the_root(tmp_path):
@@ -34,13 +41,23 @@ def test_check_writable_creates_the_folder_and_names_an_unwritable_one(tmp_path)
         RunDir(blocker / "run").check_writable()
 
 
-def test_the_lock_is_exclusive_names_its_holder_and_is_released(tmp_path):
+def test_the_lock_is_exclusive_names_its_holder_and_is_released(tmp_path, caplog):
+    (tmp_path / ".run.lock").write_text("x" * 500)  # a longer note left by an earlier holder
     first, second = RunDir(tmp_path), RunDir(tmp_path)
-    first.acquire()
-    info = json.loads((tmp_path / ".run.lock").read_text())
-    assert info["host"] == socket.gethostname() and info["pid"] == os.getpid() and info["started"]
-    with pytest.raises(RunDirBusyError, match=rf"in use by another run \(host {socket.gethostname()}, pid "
-                                              rf"{os.getpid()}, started "):
+    old_umask = os.umask(0o022)
+    try:
+        first.acquire()
+    finally:
+        os.umask(old_umask)
+    text = (tmp_path / ".run.lock").read_text()
+    info = json.loads(text)
+    assert text == json.dumps(info) + "\n"  # the earlier note is gone, not overwritten in part
+    assert info["host"] == socket.gethostname() and info["pid"] == os.getpid()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S*", info["started"]), info["started"]
+    with pytest.raises(RunDirBusyError, match="^" + re.escape(
+            f"output_dir {str(tmp_path)!r} is in use by another run (host {info['host']}, pid {info['pid']}, "
+            f"started {info['started']}); wait for it to end, stop it, or give this run another output_dir "
+            "(--set output_dir=...)") + "$"):
         second.acquire()
     assert second._lock_fd is None
     first.release()
@@ -77,6 +94,26 @@ def test_every_rank_gets_rank_0s_verdict(tmp_path):
     with pytest.raises(TrainingError, match="in use by another run"):
         RunDir(tmp_path).acquire_for_ranks(0, lambda obj, src: obj)
     rd.release()
+
+
+def test_the_lock_file_is_readable_by_others(tmp_path):
+    old_umask = os.umask(0o022)
+    try:
+        rd = RunDir(tmp_path)
+        rd.acquire()
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / ".run.lock").stat().st_mode & 0o777 == 0o644
+    rd.release()
+
+
+def test_archive_names_the_folder_by_time_and_says_what_moved(tmp_path, caplog):
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "checkpoints").mkdir()
+    with caplog.at_level(logging.WARNING, logger="dude_dist"):
+        dest = RunDir(tmp_path).archive_previous()
+    assert re.fullmatch(r"\d{8}-\d{6}", dest.name) and dest.parent == tmp_path / "previous"
+    assert caplog.messages == [f"output_dir held an earlier run; moved checkpoints, summary.json to {dest}"]
 
 
 def test_archive_moves_every_output_but_the_factor_cache_and_never_overwrites(tmp_path, monkeypatch):
