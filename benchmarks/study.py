@@ -10,13 +10,15 @@ fp32) in a plain single-process loop with one method's adapter on q_proj + v_pro
 (:func:`benchmarks.methods.apply_method`: PEFT for LoRA/PiSSA/DoRA, ``dude_dist.apply_dude`` for
 the DuDe variants; same AdamW, cosine schedule with warm-up, clipping 1.0, scaling 1), on the
 commonsense training sets there are (ARC-Easy, ARC-Challenge, BoolQ, OpenBookQA, mixed and
-shuffled by the job's seed), then merges the adapter and measures:
+shuffled by the job's seed; each item posed as lm-eval poses it, ``Question: ...\nAnswer:``,
+and continued by its correct option), then merges the adapter and measures:
 
 * validation loss: token mean over the answers of ``--val`` training samples held out of
   training (the same for every job) — what the learning rate is chosen on;
-* commonsense accuracy by log-likelihood (``eval.mode: loglik``,
+* commonsense accuracy by log-likelihood (``eval.mode: loglik``, lm-eval's ``acc_norm``:
   :func:`dude_dist.evaluate.evaluate_commonsense_loglik`) on the first ``--items`` test items of
-  each of the seven tasks (ARC-Easy, ARC-Challenge, BoolQ, OpenBookQA, PIQA, SIQA, WinoGrande);
+  each of the seven tasks (ARC-Easy, ARC-Challenge, BoolQ, OpenBookQA, PIQA, SIQA, WinoGrande;
+  the last three have no training set here, so they measure transfer);
 * GSM8K held-out loss on the first ``--gsm8k-items`` test items (how much the other skill moved);
 * the training loss and gradient-norm curves (the paper's Fig. 2 view).
 
@@ -72,16 +74,23 @@ def job_key(job: dict) -> str:
 # --------------------------------------------------------------------------- one job (a child process)
 
 
-def _mixed_training_set(tokenizer: Any, max_seq_len: int) -> Any:
-    """The commonsense training sets, concatenated (each source loaded as the trainer would)."""
-    from datasets import concatenate_datasets
+def _mixed_training_set(tokenizer: Any, max_seq_len: int) -> list[dict]:
+    """The commonsense training sets, each item posed as the evaluation poses it
+    (:func:`dude_dist.evaluate.multiple_choice`) and continued by its correct option, eos
+    appended; only the option (and eos) are targets."""
+    from dude_dist.evaluate import _pair_ids, multiple_choice
+    from dude_dist.loss import IGNORE_INDEX
 
-    from dude_dist.config import DataConfig
-    from dude_dist.data import build_datasets
-
-    parts = [build_datasets(DataConfig(sources=(str(COMMONSENSE / task / "train.json"),), format="commonsense",
-                                       max_seq_len=max_seq_len), tokenizer).train for task in TRAIN_TASKS]
-    return concatenate_datasets(parts)
+    samples = []
+    for task in TRAIN_TASKS:
+        for item in json.loads((COMMONSENSE / task / "train.json").read_text()):
+            labels, pairs = multiple_choice(task, item["instruction"])
+            context, continuation = pairs[labels.index(item["answer"])]
+            ctx, cont = _pair_ids(tokenizer, context, continuation)
+            cont = cont + [tokenizer.eos_token_id]
+            samples.append({"input_ids": (ctx + cont)[:max_seq_len],
+                            "labels": ([IGNORE_INDEX] * len(ctx) + cont)[:max_seq_len]})
+    return samples
 
 
 def run_job(job: dict, args: argparse.Namespace) -> dict:

@@ -330,9 +330,9 @@ class EvalConfig:
             gather per generated token); larger models generate under ZeRO-3 with the ranks
             kept in step (``synced_gpus``).
         mode: ``generate`` (greedy generation, the answer read from the text, as LLM-Adapters
-            scores) or ``loglik`` (multiple choice: the answer whose continuation
-            ``the correct answer is <choice>`` has the highest log-likelihood, as lm-eval
-            scores; commonsense tasks only, and it shows signal on small models).
+            scores) or ``loglik`` (multiple choice as lm-eval scores it: each option's text
+            after ``Question: ...\nAnswer:``, the highest log-likelihood per character wins;
+            commonsense tasks only; it has signal on models too small to generate).
     """
 
     tasks: tuple[str, ...] = ("gsm8k",)

@@ -315,11 +315,14 @@ def evaluate_commonsense(
 # --------------------------------------------------------------------------- log-likelihood
 
 _ANSWER_FORMAT = re.compile(r"Answer format:\s*(\w+(?:/\w+)+)\s*$")
-LOGLIK_TEMPLATE = "the correct answer is {choice}"  # the LLM-Adapters training target
+# The LLM-Adapters instruction: a lead-in, the question (or sentence), the options, the answer format.
+_ITEM = re.compile(r"^Please [^:]*?(?:question|sentence)(?:, question)?: (?P<question>.*?)\n\n(?P<options>.*?)\s*"
+                   r"Answer format: (?P<labels>\w+(?:/\w+)+)\s*$", re.S)
+_OPTION = re.compile(r"(?:Answer|Solution|Option)\d+: ")
 
 
 def answer_choices(task: str, instruction: str) -> list[str]:
-    """The choices of one item: its ``Answer format: a/b/c`` line, else the task's keywords.
+    """The answer labels of one item: its ``Answer format: a/b/c`` line, else the task's keywords.
 
     Raises:
         DataError: ``task`` is not a known commonsense task.
@@ -328,6 +331,38 @@ def answer_choices(task: str, instruction: str) -> list[str]:
         raise DataError(f"unknown commonsense task {task!r}; valid: {', '.join(COMMONSENSE_PATTERNS)}")
     found = _ANSWER_FORMAT.search(instruction.strip())
     return found.group(1).split("/") if found else COMMONSENSE_PATTERNS[task].pattern.split("|")
+
+
+def multiple_choice(task: str, instruction: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """An LLM-Adapters item as lm-eval poses it: the answer labels and, per label, the
+    ``(context, continuation)`` whose log-likelihood scores it.
+
+    * questions with options (ARC, OpenBookQA, PIQA, SIQA): ``Question: <q>\\nAnswer:``
+      continued by `` <option text>``;
+    * BoolQ: the same context continued by `` true`` / `` false``;
+    * WinoGrande: the sentence up to the blank with each option filled in, continued by the
+      rest of the sentence (the same continuation for every option).
+
+    Raises:
+        DataError: the instruction does not have that shape (the message shows its start).
+    """
+    labels = answer_choices(task, instruction)
+    found = _ITEM.match(instruction.strip())
+    if found is None:
+        raise DataError(f"{task}: cannot read the question and options of {instruction[:120]!r}")
+    question = found.group("question").strip()
+    if task == "boolq":
+        return labels, [(f"Question: {question}\nAnswer:", f" {label}") for label in labels]
+    options = [text.strip() for text in _OPTION.split(found.group("options"))[1:]]
+    if len(options) != len(labels) or not all(options):
+        raise DataError(f"{task}: {len(options)} options for the labels {'/'.join(labels)} in "
+                        f"{instruction[:120]!r}")
+    if task == "winogrande":
+        before, blank, after = question.partition("_")
+        if not blank or not after.strip():
+            raise DataError(f"{task}: no blank (_) to fill in {question[:120]!r}")
+        return labels, [(before + option, " " + after.strip()) for option in options]
+    return labels, [(f"Question: {question}\nAnswer:", f" {option}") for option in options]
 
 
 def _pair_ids(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -396,14 +431,15 @@ def continuation_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str,
     return [sum(q[0] for q in res) for res in sequence_logprobs(model, pad_id, requests, batch_size, forwards)]
 
 
-def _choice_requests(tokenizer: Any, prompt: str, choices: Sequence[str]) -> list[tuple[list[int], list]]:
-    """The sequences that score every choice's continuation after ``prompt``. When the
-    continuations differ only in their last token (``... answer1`` / ``... answer2``), one
-    sequence does: the shared tokens are read once, and the last position for every choice."""
-    encoded = [_pair_ids(tokenizer, prompt, LOGLIK_TEMPLATE.format(choice=c)) for c in choices]
+def _choice_requests(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list]]:
+    """The sequences that score every ``(context, continuation)`` of one item. When the
+    contexts are equal and the continuations differ only in their last token (`` true`` /
+    `` false``), one sequence does: the shared tokens are read once, the last position for
+    every choice."""
+    encoded = [_pair_ids(tokenizer, c, x) for c, x in pairs]
     ctx, first = encoded[0]
     lasts = [cont[-1] for _, cont in encoded]
-    if (all(c == ctx and len(x) == len(first) and x[:-1] == first[:-1] for c, x in encoded)
+    if (len(encoded) > 1 and all(c == ctx and len(x) == len(first) and x[:-1] == first[:-1] for c, x in encoded)
             and len(set(lasts)) == len(lasts)):
         shared = [(len(ctx) + i, [tok]) for i, tok in enumerate(first[:-1])]
         return [(ctx + first, [*shared, (len(ctx) + len(first) - 1, lasts)])]
@@ -420,11 +456,11 @@ def _choice_scores(answers: list[list[list[float]]], n_choices: int) -> list[flo
 
 def evaluate_commonsense_loglik(model: Any, tokenizer: Any, task: str, items: Sequence[dict], *, batch_size: int,
                                 synced_gpus: bool = False, rank: int = 0, world_size: int = 1, **_: Any) -> dict:
-    """Multiple-choice accuracy on one commonsense task: the choice whose continuation
-    ``the correct answer is <choice>`` after the item's prompt has the highest summed
-    log-likelihood (the continuations differ only in the choice keyword, so no length
-    normalisation; one forward per item when they differ in one token). Items are shared
-    out over the ranks as for generation.
+    """Multiple-choice accuracy on one commonsense task, as lm-eval scores it: each item posed
+    by :func:`multiple_choice`, the choice with the highest log-likelihood per character of
+    its continuation wins (lm-eval's ``acc_norm``; WinoGrande's choices share the
+    continuation, so there it is plain log-likelihood). Items are shared out over the ranks
+    as for generation.
 
     Returns:
         ``accuracy``, ``n``, ``correct`` and ``records`` (instruction, reference, choices,
@@ -434,21 +470,20 @@ def evaluate_commonsense_loglik(model: Any, tokenizer: Any, task: str, items: Se
     mine = _shard(list(range(len(items))), rank, world_size)
     requests, spans = [], []
     for i in mine:
-        prompt = instruction_prompt(items[i]["instruction"], items[i].get("input") or "")
-        choices = answer_choices(task, items[i]["instruction"])
-        reqs = _choice_requests(tokenizer, prompt, choices)
-        spans.append((i, choices, len(requests), len(reqs)))
+        labels, pairs = multiple_choice(task, items[i]["instruction"])
+        reqs = _choice_requests(tokenizer, pairs)
+        spans.append((i, labels, [len(x) for _, x in pairs], len(requests), len(reqs)))
         requests += reqs
     forwards = None
     if synced_gpus and world_size > 1:
         forwards = max(comm.all_gather_object(math.ceil(len(requests) / batch_size)))
     answers = sequence_logprobs(model, pad_id, requests, batch_size, forwards)
     records: dict[int, dict] = {}
-    for i, choices, start, count in spans:
-        scores = _choice_scores(answers[start:start + count], len(choices))
-        best = max(range(len(choices)), key=scores.__getitem__)
-        records[i] = {"instruction": items[i]["instruction"], "reference": items[i]["answer"], "choices": choices,
-                      "logprobs": scores, "predicted": choices[best], "correct": choices[best] == items[i]["answer"]}
+    for i, labels, chars, start, count in spans:
+        scores = _choice_scores(answers[start:start + count], len(labels))
+        best = max(range(len(labels)), key=lambda k: scores[k] / chars[k])
+        records[i] = {"instruction": items[i]["instruction"], "reference": items[i]["answer"], "choices": labels,
+                      "logprobs": scores, "predicted": labels[best], "correct": labels[best] == items[i]["answer"]}
     if world_size > 1:
         merged: dict[int, dict] = {}
         for part in comm.all_gather_object(records):
