@@ -439,6 +439,8 @@ def verify_checkpoint(ckpt: str | Path, *, checksums: bool = True) -> dict:
                 raise CheckpointError(f"checkpoint {ckpt} is damaged: {name} has {size} bytes, the manifest "
                                       f"records {entry['size']} (truncated or overwritten)")
     meta = read_meta(ckpt)
+    if manifest is None and is_portable(ckpt):  # the portable state has always come with a manifest
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: {MANIFEST} is missing")
     if manifest is None and not any(ckpt.glob("*model_states.pt")):
         raise CheckpointError(f"checkpoint {ckpt} is damaged: it has no DeepSpeed *model_states.pt file")
     for path in sorted(ckpt.glob("*.safetensors")):
