@@ -251,12 +251,7 @@ def _score(model: Any, tokenizer: Any, items: Sequence[dict], prompts: Sequence[
         predicted = extract(completion)
         records[i] = {keep: item[keep], "reference": item[reference], "completion": completion,
                       "predicted": predicted, "correct": predicted == item[reference]}
-    if world_size > 1:
-        merged: dict[int, dict] = {}
-        for part in comm.all_gather_object(records):
-            merged.update(part)
-        records = merged
-    return _summary([records[i] for i in sorted(records)])
+    return _gathered_summary(records, world_size)
 
 
 def evaluate_gsm8k(
@@ -484,6 +479,12 @@ def evaluate_commonsense_loglik(model: Any, tokenizer: Any, task: str, items: Se
         best = max(range(len(labels)), key=lambda k: scores[k] / chars[k])
         records[i] = {"instruction": items[i]["instruction"], "reference": items[i]["answer"], "choices": labels,
                       "logprobs": scores, "predicted": labels[best], "correct": labels[best] == items[i]["answer"]}
+    return _gathered_summary(records, world_size)
+
+
+def _gathered_summary(records: dict[int, dict], world_size: int) -> dict:
+    """Every rank's item records (index -> record), gathered on every rank, in item order,
+    summarised (collective when ``world_size`` > 1)."""
     if world_size > 1:
         merged: dict[int, dict] = {}
         for part in comm.all_gather_object(records):
