@@ -42,6 +42,20 @@ def test_checkpoint_and_merged_export_evaluate_alike(tmp_path):
     assert c["loss"]["loss"] == pytest.approx(b["loss"]["loss"], rel=1e-5)
     scalars = read_scalars(out / "tensorboard")
     assert "eval/gsm8k_accuracy" in scalars and "eval/boolq_accuracy" in scalars
+    # eval.mode loglik: 5 items a task (3 on one rank, 2 on the other; the ranks run the same
+    # number of forwards under ZeRO-3), the same scores as one process
+    loglik = ["--set", "eval.mode=loglik", "--set", "eval.tasks=[boolq, ARC-Easy, winogrande]", "--set",
+              "eval.limit=5", "--set", "eval.batch_size=2"]
+    run(launcher_cmd(1, "python") + base + loglik + ["--merged", str(exported), "--out", str(tmp_path / "ll1.json")])
+    run(launcher_cmd(2, "torchrun") + base + loglik + ["--merged", str(exported), "--out", str(tmp_path / "ll2.json"),
+                                                       "--set", "deepspeed.stage3_param_persistence_threshold=0"])
+    one, two = (json.loads((tmp_path / f"ll{n}.json").read_text())["tasks"] for n in (1, 2))
+    assert set(one) == {"boolq", "ARC-Easy", "winogrande"}
+    for task in one:
+        assert one[task]["n"] == two[task]["n"] == 5
+        for r1, r2 in zip(one[task]["records"], two[task]["records"]):
+            assert r1["choices"] == r2["choices"] and r1["predicted"] == r2["predicted"]
+            assert r1["logprobs"] == pytest.approx(r2["logprobs"], abs=1e-4)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
