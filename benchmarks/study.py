@@ -24,7 +24,7 @@ and continued by its correct option), then merges the adapter and measures:
 
 The jobs, in two phases:
 
-1. sweep: every method at ``--lrs`` (three rates over a decade), seed 0, rank 16;
+1. sweep: every method at ``--lrs`` (four rates over a decade and a half), seed 0, rank 16;
 2. then, at each method's best rate by validation loss: seeds 1 and 2 (§4.5), and for LoRA,
    DoRA, PiSSA and DuDe the ranks 2, 4, 8 and 32 at seed 0 (§4.4; rank 16 is the sweep's).
 
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", type=int, default=64, help="training samples held out for validation")
     p.add_argument("--gsm8k-items", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=256)
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--no-ranks", action="store_true", help="skip the rank jobs")
     p.add_argument("--workers", type=int, default=2)
