@@ -284,6 +284,15 @@ def _acc(row: dict) -> float:
     return 100 * row["mean_accuracy"]
 
 
+def _stability(row: dict) -> tuple[float, float]:
+    """Of one run's gradient norms after the first fifth of the steps (past warm-up): the
+    largest over the median, and the coefficient of variation (std / mean)."""
+    norms = row["curve"]["grad_norm"][len(row["curve"]["grad_norm"]) // 5:]
+    if len(norms) < 2:
+        return float("nan"), float("nan")
+    return max(norms) / statistics.median(norms), statistics.stdev(norms) / statistics.mean(norms)
+
+
 def _mean_std(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.2f}" if values else "–"
@@ -350,8 +359,8 @@ def report(runs: dict[str, dict], args: argparse.Namespace, name: str, base: dic
                            f"{best[m]:g}" if m in best else "–",
                            *[f"{_acc(c):.1f}" if c else "–" for c in cells]])
     seed_cols = ["method", "rate", "seeds", "mean acc % (mean ± std)", "worst seed", "best seed",
-                 "val loss (mean ± std)", "GSM8K loss (mean ± std)", "final grad norm (mean)",
-                 *[f"{t} %" for t in TEST_TASKS]]
+                 "val loss (mean ± std)", "GSM8K loss (mean ± std)", "grad norm max/median",
+                 "grad norm CV", *[f"{t} %" for t in TEST_TASKS]]
     seed_rows, seed_stats = [], {}
     for m in METHODS:
         if m not in best:
@@ -365,7 +374,8 @@ def report(runs: dict[str, dict], args: argparse.Namespace, name: str, base: dic
         seed_rows.append([LABELS[m], f"{best[m]:g}", len(rows), _mean_std(accs), f"{min(accs):.2f}",
                           f"{max(accs):.2f}", _mean_std([r["val_loss"] for r in rows]),
                           _mean_std([r["gsm8k_loss"] for r in rows]),
-                          f"{statistics.mean(r['curve']['grad_norm'][-1] for r in rows):.3f}",
+                          f"{statistics.mean(_stability(r)[0] for r in rows):.2f}",
+                          f"{statistics.mean(_stability(r)[1] for r in rows):.2f}",
                           *[f"{v:.1f}" for v in per_task]])
     rank_cols = ["method", *[f"r={r}" for r in RANKS], "spread (max − min)"]
     rank_rows = []
@@ -376,15 +386,38 @@ def report(runs: dict[str, dict], args: argparse.Namespace, name: str, base: dic
         done = [_acc(v) for v in vals if v]
         rank_rows.append([LABELS[m], *[f"{_acc(v):.1f}" if v else "–" for v in vals],
                           f"{max(done) - min(done):.1f}" if len(done) > 1 else "–"])
-    files = plots(runs, best, name) if best else []
     any_row = next(iter(runs.values()))
     n_items = any_row["items"] * len(TEST_TASKS)
     noise = 100 * math.sqrt(0.25 / n_items)
+    shared = args.lrs[len(args.lrs) // 2 - 1] if args.lrs else None  # one rate for all: 3e-4 by default
+    shared_rows = []
+    for m in METHODS:
+        r = runs.get(job_key({"method": m, "lr": shared, "seed": 0, "rank": 16}))
+        if r:
+            shared_rows.append([LABELS[m], f"{r['val_loss']:.4f}", f"{_acc(r):.1f}", f"{_stability(r)[0]:.2f}"])
+    claims = []
+    if "dude" in seed_stats and len(seed_stats["dude"]) > 1:
+        spread = {m: statistics.stdev(v) for m, v in seed_stats.items() if len(v) > 1}
+        for m in ("pissa", "dora", "lora"):
+            if m in seed_stats and len(seed_stats[m]) > 1:
+                diff = statistics.mean(seed_stats["dude"]) - statistics.mean(seed_stats[m])
+                pooled = math.sqrt((spread["dude"] ** 2 + spread[m] ** 2) / 2)
+                claims.append(f"Accuracy, DuDe − {LABELS[m]}: {diff:+.2f} points (seed std {spread['dude']:.2f} and "
+                              f"{spread[m]:.2f}, pooled {pooled:.2f}; item-sampling error of one mean ≈ {noise:.1f})")
+        worst = min(seed_stats["dude"])
+        others_best = {m: max(v) for m, v in seed_stats.items() if m != "dude"}
+        claims.append("Worst DuDe seed against each other method's best seed (§4.5 framing): "
+                      + ", ".join(f"{LABELS[m]} {worst - b:+.2f}" for m, b in others_best.items()))
+    if rank_rows:
+        claims.append("Spread over ranks 2–32 (max − min, points): "
+                      + ", ".join(f"{row[0]} {row[-1]}" for row in rank_rows))
+    files = plots(runs, best, name) if best else []
     parts = ["### The paper's claims on SmolLM2-135M-Instruct (commonsense, log-likelihood scoring)", "",
              f"{len(runs)} finished jobs · {any_row['steps']} steps × batch {any_row['batch']} · "
              f"{any_row['items']} test items per task × {len(TEST_TASKS)} tasks ({n_items} items; one item "
              f"moves the mean accuracy by {100 / n_items:.2f} points, and item sampling alone has a standard error "
-             f"of about {noise:.1f} points at 50 %) · validation {any_row['val']} held-out training samples", ""]
+             f"of about {noise:.1f} points at 50 %) · validation {any_row['val']} held-out training samples · "
+             f"{sum(r['job_s'] for r in runs.values()) / 60:.0f} worker-minutes (1 thread each, 2 at a time)", ""]
     if base:
         parts += [f"Base model before fine-tuning: mean accuracy {100 * base['mean_accuracy']:.1f} %, "
                   f"validation loss {base['val_loss']:.4f}, GSM8K loss {base['gsm8k_loss']:.4f}.", ""]
@@ -395,6 +428,12 @@ def report(runs: dict[str, dict], args: argparse.Namespace, name: str, base: dic
     if rank_rows:
         parts += ["**Ranks** (seed 0, each method's best rate; mean accuracy %):", "",
                   markdown_table(rank_cols, rank_rows), ""]
+    if shared_rows:
+        parts += [f"**All methods at one shared rate** ({shared:g}, seed 0, rank 16):", "",
+                  markdown_table(["method", "val loss", "mean acc %", "grad norm max/median"], shared_rows), ""]
+    if claims:
+        parts += ["**Against the paper's claims** (computed from the tables above):", "",
+                  *[f"- {c}" for c in claims], ""]
     parts += [f"![curves]({files[0]})" if files else "", "", f"![ranks]({files[1]})" if len(files) > 1 else "", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.md").write_text("\n".join(parts))
