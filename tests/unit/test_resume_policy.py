@@ -57,6 +57,10 @@ def test_other_model_or_adapter_keys_are_refused_unless_forced(tmp_path):
         ckpt_lib.check_compatible(ckpt, meta, now, 2)
     ckpt_lib.check_compatible(ckpt, meta, now, 2, force=True)
     assert ckpt_lib.fingerprint_differences(meta, now) == ["adapter.rank: checkpoint 4 vs config 8"]
+    two = cfg("adapter.rank=8", "adapter.seed=5")
+    with pytest.raises(TrainingError, match=re.escape(
+            ": adapter.rank: checkpoint 4 vs config 8; adapter.seed: checkpoint 0 vs config 5 (pass --force-resume")):
+        ckpt_lib.check_compatible(ckpt, meta, two, 2)
     assert ckpt_lib.fingerprint_differences({}, now) == []
 
 
@@ -77,6 +81,13 @@ def test_a_portable_checkpoint_resumes_on_another_world_size_and_says_how(tmp_pa
         ckpt_lib.check_compatible(ckpt, meta_of(cfg(), world_size=2), cfg(), 1)
     assert caplog.messages == [
         "resuming step_00000004 on another world size: written as micro 2 x accum 1 x 2 ranks, now micro 2 x "
+        "accum 2 x 1 ranks (global batch 4 either way, so the same steps)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dude_dist"):
+        ckpt_lib.check_compatible(ckpt, {**meta_of(cfg(), world_size=2), "layout": {"micro_batch_size": 1,
+                                                                                    "grad_accum": 2}}, cfg(), 1)
+    assert caplog.messages == [
+        "resuming step_00000004 on another world size: written as micro 1 x accum 2 x 2 ranks, now micro 2 x "
         "accum 2 x 1 ranks (global batch 4 either way, so the same steps)"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="dude_dist"):
@@ -161,6 +172,12 @@ def test_select_a_damaged_folder_is_an_error_and_auto_falls_back(tmp_path, caplo
     assert caplog.messages[0].startswith(f"checkpoint {newer} is damaged: meta.json has 1 bytes")
     assert caplog.messages[0].endswith("; falling back to the previous complete checkpoint")
     assert caplog.messages[1] == "using step_00000002: the 1 newer checkpoint(s) are damaged"
+    only = tmp_path / "alone"
+    alone = saved(only, 2, config)
+    (alone / "meta.json").write_text("{")
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"checkpoint {alone} is damaged: meta.json has 1 bytes")
+                       + r"[^;]*" + re.escape(f"; no usable checkpoint under {only} (--resume none starts over")):
+        ckpt_lib.newest_verified(only)
     (older / "meta.json").write_text("[")
     with pytest.raises(CheckpointError, match=re.escape(
             f"checkpoint {newer} is damaged: meta.json has 1 bytes") + ".*" + re.escape(
@@ -238,6 +255,12 @@ def test_a_full_disk_is_named_with_the_free_space_and_what_was_kept(tmp_path, mo
     monkeypatch.setattr(ckpt_lib, "_free_bytes", lambda path: None)
     assert "(free space unknown; safetensors: os error 28)" in ckpt_lib._write_failure(
         partial, RuntimeError("safetensors: os error 28"))
+    for exc in (OSError(errno.ENOSPC, ""), RuntimeError("write failed: No space left on device")):
+        assert ckpt_lib._write_failure(partial, exc).startswith("no space left on device (ENOSPC)"), exc
+    monkeypatch.setattr(ckpt_lib, "_free_bytes", lambda path: ckpt_lib._DISK_FULL_BYTES)  # just enough: not full
+    assert ckpt_lib._write_failure(partial, RuntimeError("x" * 400)) == (
+        f"could not write checkpoint {partial}: RuntimeError: {'x' * 300}; the unfinished step_00000006.partial was "
+        "removed and no earlier checkpoint exists")
     monkeypatch.setattr(ckpt_lib, "_free_bytes", lambda path: 10 * 2**30)
     saved(root, 2, cfg())
     assert ckpt_lib._write_failure(partial, PermissionError(13, "Permission denied")) == (
@@ -258,7 +281,8 @@ def test_the_restricted_unpickler_verdict_in_a_few_words():
                        "was not an allowed global")
     assert ckpt_lib._unpickling_problem(exc) == (
         "it names 'os.system', which is not a tensor, a container or a DeepSpeed data class")
-    exc = RuntimeError("Weights only load failed. boilerplate\n\n  invalid load key, 'x'.  \nCheck the documentation")
+    exc = RuntimeError("Weights only load failed. boilerplate\nPlease file an issue with this\nCheck the documentation of "
+                       "torch.load\n\n  invalid load key, 'x'.  \n")
     assert ckpt_lib._unpickling_problem(exc) == "it is not a weights-only torch file (invalid load key, 'x'.)"
     assert ckpt_lib._unpickling_problem(ValueError("")) == "it is not a weights-only torch file (ValueError)"
     assert ckpt_lib._unpickling_problem(ValueError("y" * 300)) == f"it is not a weights-only torch file ({'y' * 200})"
@@ -289,3 +313,11 @@ def test_what_is_wrong_with_a_safetensors_file(tmp_path):
         f"{8 + raw_len + 9} bytes where its header needs {8 + raw_len + 8} (truncated or padded)")
     assert ckpt_lib.safetensors_problem(_safetensors(tmp_path / "empty", {}, b"")) is None
     assert ckpt_lib.safetensors_problem(tmp_path / "missing").startswith("cannot be read ([Errno 2] No such file")
+    huge = tmp_path / "huge"
+    huge.write_bytes(b"\xff" * 8 + b"{}")
+    assert ckpt_lib.safetensors_problem(huge) == "its header claims 18446744073709551615 bytes but the file has 10"
+    nearly = tmp_path / "nearly"
+    nearly.write_bytes(struct.pack("<Q", 5) + b"{}{}")  # claims one byte more than there is
+    assert ckpt_lib.safetensors_problem(nearly) == "its header claims 5 bytes but the file has 12"
+    meta = {**good, "__metadata__": {"data_offsets": [0, 999]}, "note": "data_offsets"}  # not tensors
+    assert ckpt_lib.safetensors_problem(_safetensors(tmp_path / "meta", meta, b"\0" * 8)) is None

@@ -72,7 +72,8 @@ def test_a_holder_that_has_not_written_yet_is_reported_as_unknown(tmp_path):
     fd = os.open(tmp_path / ".run.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        with pytest.raises(RunDirBusyError, match="holder unknown: it has not written its name yet"):
+        with pytest.raises(RunDirBusyError, match=r"is in use by another run \(holder unknown: it has not written its "
+                                                  r"name yet\); wait"):
             RunDir(tmp_path).acquire()
     finally:
         os.close(fd)
