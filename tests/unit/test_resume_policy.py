@@ -175,8 +175,11 @@ def test_select_a_damaged_folder_is_an_error_and_auto_falls_back(tmp_path, caplo
     only = tmp_path / "alone"
     alone = saved(only, 2, config)
     (alone / "meta.json").write_text("{")
-    with pytest.raises(CheckpointError, match="^" + re.escape(f"checkpoint {alone} is damaged: meta.json has 1 bytes")
-                       + r"[^;]*" + re.escape(f"; no usable checkpoint under {only} (--resume none starts over")):
+    recorded = json.loads((alone / "manifest.json").read_text())["files"]["meta.json"]["size"]
+    with pytest.raises(CheckpointError, match="^" + re.escape(
+            f"checkpoint {alone} is damaged: meta.json has 1 bytes, the manifest records {recorded} (truncated or "
+            f"overwritten); no usable checkpoint under {only} (--resume none starts over and moves these aside)")
+            + "$"):
         ckpt_lib.newest_verified(only)
     (older / "meta.json").write_text("[")
     with pytest.raises(CheckpointError, match=re.escape(
