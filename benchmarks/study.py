@@ -78,7 +78,7 @@ def _mixed_training_set(tokenizer: Any, max_seq_len: int) -> list[dict]:
     """The commonsense training sets, each item posed as the evaluation poses it
     (:func:`dude_dist.evaluate.multiple_choice`) and continued by its correct option, eos
     appended; only the option (and eos) are targets."""
-    from dude_dist.evaluate import _pair_ids, multiple_choice
+    from dude_dist.evaluate import multiple_choice, pair_ids
     from dude_dist.loss import IGNORE_INDEX
 
     samples = []
@@ -86,7 +86,7 @@ def _mixed_training_set(tokenizer: Any, max_seq_len: int) -> list[dict]:
         for item in json.loads((COMMONSENSE / task / "train.json").read_text()):
             labels, pairs = multiple_choice(task, item["instruction"])
             context, continuation = pairs[labels.index(item["answer"])]
-            ctx, cont = _pair_ids(tokenizer, context, continuation)
+            ctx, cont = pair_ids(tokenizer, context, continuation)
             cont = cont + [tokenizer.eos_token_id]
             samples.append({"input_ids": (ctx + cont)[:max_seq_len],
                             "labels": ([IGNORE_INDEX] * len(ctx) + cont)[:max_seq_len]})

@@ -525,7 +525,6 @@ def run_meta(cfg: Any, layout: Any, world_size: int, step: int) -> dict:
 
 def fingerprint(cfg: Any) -> dict:
     """The :data:`RESUME_KEYS` of a run config (a ``RunConfig`` or its plain dict)."""
-
     cfg_dict = cfg if isinstance(cfg, dict) else config_to_dict(cfg)
     return {key: _lookup(cfg_dict, key) for key in RESUME_KEYS}
 

@@ -390,6 +390,15 @@ def _adds_special_tokens(format_name: str, tokenizer: Any) -> bool:
     return not (format_name == "chat" and getattr(tokenizer, "chat_template", None))
 
 
+def response_ids(tokenizer: Any, prompt_ids: list[int], full_ids: list[int], response: str) -> list[int]:
+    """The ids of ``response`` after a prompt: cut from the ids of the whole text, so they are
+    tokenised as in context; tokenised on their own if the tokenizer merges across the
+    boundary (the prompt's ids are then not a prefix of the whole's)."""
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        return full_ids[len(prompt_ids) :]
+    return tokenizer(response, add_special_tokens=False)["input_ids"]
+
+
 def _tokenize_batch(
     batch: dict[str, list],
     indices: list[int],
@@ -399,12 +408,8 @@ def _tokenize_batch(
     max_seq_len: int,
     source: str,
 ) -> dict[str, list]:
-    """Tokenise prompt and prompt+response; the prompt's labels are -100, eos is appended.
-
-    The response ids are cut from the tokenised whole text so they are tokenised as in
-    context; if the tokenizer merges across the prompt/response boundary (the prompt's
-    ids are then not a prefix), the response is tokenised on its own instead.
-    """
+    """Tokenise prompt and prompt+response (:func:`response_ids`); the prompt's labels are
+    -100, eos is appended."""
     render = PROMPT_FORMATS[format_name].render
     columns = list(batch)
     prompts, responses = [], []
@@ -422,10 +427,7 @@ def _tokenize_batch(
     eos = tokenizer.eos_token_id
     out: dict[str, list] = {"input_ids": [], "labels": [], "prompt_len": [], "full_len": []}
     for p_ids, f_ids, response in zip(prompt_ids, full_ids, responses):
-        if f_ids[: len(p_ids)] == p_ids:
-            r_ids = f_ids[len(p_ids) :]
-        else:
-            r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        r_ids = response_ids(tokenizer, p_ids, f_ids, response)
         if eos is not None and eos not in r_ids:  # a chat template may already end the turn with eos
             r_ids = r_ids + [eos]
         ids = p_ids + r_ids

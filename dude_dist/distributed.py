@@ -77,7 +77,6 @@ class DistEnv:
     @property
     def device(self):
         """Where this rank's model runs: its GPU (``local_rank % device_count``) or the CPU."""
-
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         return torch.device("cuda", self.local_rank % count) if count else torch.device("cpu")
 
@@ -269,7 +268,6 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
 
 def set_step_timeout(timeout_s: int) -> None:
     """Shorten the collective timeout once start-up is over (loading a 70B model needs the long one)."""
-
     if dist.is_initialized() and hasattr(distributed_c10d, "_set_pg_timeout"):
         distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s))
 

@@ -38,6 +38,7 @@ from dude_dist.data import (
     instruction_prompt,
     load_first_source,
     question_prompt,
+    response_ids,
 )
 from dude_dist.distributed import init_distributed
 from dude_dist.errors import ConfigError
@@ -360,14 +361,14 @@ def multiple_choice(task: str, instruction: str) -> tuple[list[str], list[tuple[
     return labels, [(f"Question: {question}\nAnswer:", f" {option}") for option in options]
 
 
-def _pair_ids(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Context and continuation ids, the continuation cut from the tokenised whole text as in
-    training (:func:`dude_dist.data._tokenize_batch`); tokenised alone if the boundary merges."""
+def pair_ids(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation ids, the continuation tokenised as in training
+    (:func:`dude_dist.data.response_ids`), and on its own if it merges away entirely."""
     ctx = tokenizer(context)["input_ids"]
     full = tokenizer(context + continuation)["input_ids"]
-    if full[: len(ctx)] == ctx and len(full) > len(ctx):
-        return ctx, full[len(ctx):]
-    return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    if len(full) == len(ctx):
+        return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    return ctx, response_ids(tokenizer, ctx, full, continuation)
 
 
 @torch.no_grad()
@@ -411,27 +412,12 @@ def sequence_logprobs(model: Any, pad_id: int, requests: Sequence[tuple[list[int
     return out
 
 
-def continuation_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int,
-                          forwards: int | None = None) -> list[float]:
-    """``sum log p(continuation | context)`` of each ``(context, continuation)``, in float32.
-
-    Args:
-        forwards: see :func:`sequence_logprobs`.
-    """
-    pad_id = ensure_pad_token(tokenizer)
-    requests = []
-    for context, continuation in pairs:
-        ctx, cont = _pair_ids(tokenizer, context, continuation)
-        requests.append((ctx + cont, [(len(ctx) + i, [tok]) for i, tok in enumerate(cont)]))
-    return [sum(q[0] for q in res) for res in sequence_logprobs(model, pad_id, requests, batch_size, forwards)]
-
-
 def _choice_requests(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list]]:
     """The sequences that score every ``(context, continuation)`` of one item. When the
     contexts are equal and the continuations differ only in their last token (`` true`` /
     `` false``), one sequence does: the shared tokens are read once, the last position for
     every choice."""
-    encoded = [_pair_ids(tokenizer, c, x) for c, x in pairs]
+    encoded = [pair_ids(tokenizer, c, x) for c, x in pairs]
     ctx, first = encoded[0]
     lasts = [cont[-1] for _, cont in encoded]
     if (len(encoded) > 1 and all(c == ctx and len(x) == len(first) and x[:-1] == first[:-1] for c, x in encoded)
@@ -586,7 +572,6 @@ def check_fits_one_device(folder: str | Path, device: torch.device) -> None:
     weights = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
     memory = torch.cuda.get_device_properties(device).total_memory
     if weights > 0.9 * memory:
-
         raise ConfigError(
             f"--merged {folder}: its weights ({weights / 2**30:.1f} GiB) do not fit one GPU ({memory / 2**30:.1f} "
             "GiB); run it partitioned over several GPUs with ZeRO-3, e.g. deepspeed --num_gpus 8 "
@@ -641,7 +626,6 @@ def evaluate_run(cfg: Any, *, checkpoint: str | None = "auto", merged: str | Non
         ensure_pad_token(tokenizer)
         source = str(merged)
     else:
-
         step = int(read_meta(ckpt)["step"])
         model = rebuild_model(cfg, ckpt, env.world_size, verified=True)
         tokenizer = load_tokenizer(cfg.model)
@@ -751,7 +735,6 @@ class TrainingEvaluator:
         """Generation accuracy on the configured tasks, prompts shared out over the ranks; rank 0
         writes ``eval_<when>.json``. A small partitioned model is merged into a plain copy first
         (no gather per generated token)."""
-
         self.engine.eval()
         model = self.engine.module
         synced = self.world > 1 and self.zero3

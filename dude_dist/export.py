@@ -68,7 +68,6 @@ def adapter_description(cfg: RunConfig) -> dict:
 
 def save_dude_params(model: nn.Module, path: Path, rank: int) -> None:
     """Gather the (small) DuDe tensors and write them, as safetensors, from rank 0. Collective."""
-
     named = adapter_parameters(model)
     with gathered(list(named.values()), modifier_rank=None):
         if rank == 0:
@@ -368,7 +367,6 @@ def _initial_factors(cfg: RunConfig, checkpoint: Path, names: list[str]) -> dict
     """``A0, B0`` of every DuDe layer: from the run's factor cache when it was made with these
     settings, else factorised again from the base weights in this process (seeded: the same
     values)."""
-
     cache = RunDir.of_checkpoint(checkpoint).factor_cache
     want = cache_key(cfg.adapter, cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype, [])
     if (cache / CACHE_KEY_FILE).is_file() and (cache / CACHE_FILE).is_file():

@@ -179,7 +179,6 @@ def _parent_of(pid: int) -> int:
         with open(f"/proc/{pid}/stat") as f:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
-
         try:
             return psutil.Process(pid).ppid()
         except psutil.Error:
@@ -196,7 +195,6 @@ def is_comm_failure(exc: BaseException) -> bool:
 
 def lost_peer_message(exc: BaseException, rank: int, peers: list[tuple[str, int]], timeout_s: int) -> str:
     """Who is gone: local ranks whose pid has exited, else a timeout or an unreachable peer."""
-
     host = socket.gethostname()
     gone = []
     for peer_rank, (peer_host, pid) in enumerate(peers):

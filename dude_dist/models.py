@@ -227,7 +227,6 @@ def check_model_folder(cfg: ModelConfig, path: str) -> None:
 
 def _hub_endpoint() -> tuple[str, int]:
     """Host and port a hub request would connect to first (the proxy, if one is set)."""
-
     for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         if os.environ.get(var):
             url = urlparse(os.environ[var] if "://" in os.environ[var] else f"http://{os.environ[var]}")
@@ -239,7 +238,6 @@ def _hub_endpoint() -> tuple[str, int]:
 @functools.lru_cache(maxsize=4)
 def _hub_unreachable(host: str, port: int, timeout_s: float = 3.0) -> str | None:
     """Why ``host:port`` cannot be reached within ``timeout_s`` (None: it answered)."""
-
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
             return None

@@ -92,7 +92,6 @@ def find_model_facts(name_or_path: str, model_config: str | Path | None = None,
             raise PlanError(f"--model-config {str(model_config)!r}: no such file (or no config.json in that folder)")
         return path
     if name_or_path.startswith("pkg:"):
-
         name_or_path = resolve_model_path(name_or_path)
     local = Path(name_or_path).expanduser()
     if local.is_dir():

@@ -229,7 +229,6 @@ def cache_key(cfg: DudeConfig, model_name: str, revision: str | None, dtype: str
 
 def load_cached_factors(cache_dir: Path, key: dict) -> dict[str, torch.Tensor] | None:
     """The cached factors if ``key`` matches the stored one; None (with a log line saying why) if not."""
-
     key_path, data_path = cache_dir / CACHE_KEY_FILE, cache_dir / CACHE_FILE
     if not key_path.is_file() or not data_path.is_file():
         return None

@@ -108,7 +108,6 @@ class FlopModel:
     def from_model(cls, model: nn.Module, checkpointing: bool) -> FlopModel:
         """Read the shapes from a model's modules (no parameter storage is read, so a meta
         model or a ZeRO-3 partitioned one works) and its config's attention sizes."""
-
         frozen = adapter = rebuilt = norms = norm_grads = 0
         for module in model.modules():
             if isinstance(module, DudeLinear):

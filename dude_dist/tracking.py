@@ -16,10 +16,8 @@ from dude_dist.run_dir import RunDir
 
 def peak_memory_bytes() -> int:
     """Peak GPU memory of this process if on CUDA, else its current resident set size."""
-
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
-
     return int(psutil.Process().memory_info().rss)
 
 
@@ -49,7 +47,6 @@ class Tracker:
     """
 
     def __init__(self, run_dir, rank: int, resume_step: int | None = None) -> None:
-
         run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         self.enabled = rank == 0
         self.writer = None

@@ -273,7 +273,8 @@ class Trainer:
             return ""
         if "sample_ids" not in self.train_set.column_names:
             return f"training samples {rows}"
-        return f"packed rows {rows} (training samples {sorted(i for r in rows for i in self.train_set[r]['sample_ids'])})"
+        samples = sorted(i for r in rows for i in self.train_set[r]["sample_ids"])
+        return f"packed rows {rows} (training samples {samples})"
 
     def step(self, step: int) -> StepResult:
         """Optimizer step ``step`` (0-based); reports whether DeepSpeed skipped it, and why."""
@@ -295,8 +296,9 @@ class Trainer:
         meta = ckpt_lib.run_meta(self.cfg, self.layout, self.world, step)
         ckpt_lib.save_checkpoint(
             self.engine, self.run_dir.checkpoints, step, meta, self.rank, self.cfg.train.keep_last,
-            write_extra=lambda d: write_adapter_files(self.engine.module, d, self.cfg, self.rank), fail_after_files=self.faults.ckpt_crash_step == step,
-            trainable=self.trainable, deepspeed_files=self.cfg.train.deepspeed_checkpoint)
+            write_extra=lambda folder: write_adapter_files(self.engine.module, folder, self.cfg, self.rank),
+            fail_after_files=self.faults.ckpt_crash_step == step, trainable=self.trainable,
+            deepspeed_files=self.cfg.train.deepspeed_checkpoint)
         self._last_saved = step
 
     def _should_save(self, step: int, stopping: bool) -> bool:

@@ -14,13 +14,25 @@ from dude_dist.config import EvalConfig
 from dude_dist.errors import ConfigError, DataError
 from dude_dist.evaluate import (
     answer_choices,
-    continuation_logprobs,
     evaluate_commonsense_loglik,
     instruction_prompt,
     multiple_choice,
+    pair_ids,
+    sequence_logprobs,
 )
 
 VOCAB = "\0" + string.printable  # id 0 is the pad
+
+
+def continuation_logprobs(model, tokenizer, pairs, batch_size: int) -> list[float]:
+    """``sum log p(continuation | context)`` per pair, one sequence per pair (the plain way,
+    which the one-sequence-per-item scoring must agree with)."""
+    requests = []
+    for context, continuation in pairs:
+        ctx, cont = pair_ids(tokenizer, context, continuation)
+        requests.append((ctx + cont, [(len(ctx) + i, [tok]) for i, tok in enumerate(cont)]))
+    answers = sequence_logprobs(model, tokenizer.pad_token_id or 0, requests, batch_size)
+    return [sum(q[0] for q in res) for res in answers]
 
 
 class CharTokenizer:
