@@ -70,7 +70,7 @@ class LayerDynamics:
                 "update_norm": math.sqrt(self.update_sq / max(self.w0_sq, 1e-300))}
 
 
-def _weight_products(weight: torch.Tensor, factors: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+def _weight_products(weight: torch.Tensor, factors: torch.Tensor, chunk_rows: int = 256) -> torch.Tensor:
     """``weight @ factors.T`` (``[out, k]``, float64), a block of rows at a time in float32
     (float64 for a float64 weight): no ``[out, in]`` copy of the weight is made."""
     cdtype = torch.promote_types(weight.dtype, torch.float32)

@@ -11,17 +11,27 @@ Per-GPU memory over ``N = nodes * gpus_per_node`` ranks, ``P`` parameters, ``T``
 ones, ``b`` bytes per element of the model dtype (2 for bf16)::
 
     params          b * P / N            every parameter's ZeRO-3 partition
-    grads           b * T / N            gradient partition (DeepSpeed accumulates in the model dtype)
+    grads           4 * T / N            gradient partition, accumulated in fp32 (bf16 runs ask DeepSpeed
+                                         for data_types.grad_accum_dtype fp32; an fp32 model has 4 anyway)
     optimizer      12 * T / N            fp32 master copy + Adam exp_avg + exp_avg_sq
-    optimizer_step  4 * min(T / N, S)    fp32 copy of one sub-group's gradients during step()
-                                         (S = zero_optimization.sub_group_size, 1e9 by default)
+    optimizer_step  0                    the step uses the fp32 gradient partition itself (DeepSpeed's
+                                         estimator mode, gradients in the model dtype, adds an fp32 copy
+                                         of one sub-group: 4 * min(T / N, S), S = sub_group_size)
     persistent      b * (elements of parameters with <= stage3_param_persistence_threshold
-                    elements): ZeRO-3 keeps these whole on every rank (norms, biases, and at
-                    rank 16 every DuDe A, B and m of a 5120-wide layer)
+                    elements, and every trainable one): ZeRO-3 keeps these whole on every
+                    rank (norms, biases; the trainer keeps every DuDe A, B and m whole,
+                    :func:`dude_dist.zero.keep_whole`)
     buffers         non-partitioned buffers (DuDe's fp32 ||W_f||^2 rows, rotary tables)
-    gathered        b * L + b * L_t      the largest module's full weight (L elements) while it
-                                         runs, and its full gradient if it is trainable (L_t)
-    buckets         b * (prefetch + reduce)   stage3_prefetch_bucket_size, reduce_bucket_size
+    gathered        b * G + b * L_t      the weights gathered at once during a step (G elements,
+                                         :func:`gathered_elements`: a whole decoder layer plus
+                                         the largest module or the prefetch bucket fetched ahead),
+                                         and the largest module's full gradient if it is trainable
+    in_flight       b * L                a released module's gathered buffer is freed only after the
+                                         next module's all-gather has allocated its own (the largest
+                                         module L: measured so on the 70B-wide rehearsal)
+    buckets         4 * reduce           the gradient reduce bucket (reduce_bucket_size elements),
+                                         fp32 (communication_data_type in bf16 runs); the prefetch
+                                         bucket is part of ``gathered``
     activations     see :func:`activation_bytes`
     reserve         CUDA context, NCCL buffers and allocator slack (a fixed allowance)
 
@@ -42,6 +52,7 @@ MFU needs, and the tokens/s that follow.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,13 +64,15 @@ from dude_dist.config import DTYPES, DudeConfig, RunConfig, batch_layout
 from dude_dist.errors import ConfigError, PlanError, read_json
 from dude_dist.models import resolve_model_path
 from dude_dist.sharded_init import plan_init
-from dude_dist.svd_init import measure_svd_gflops
+from dude_dist.svd_init import measure_svd_gflops, svd_cost
 from dude_dist.throughput import FlopModel
 
 GIB = 2**30
 ADAM_STATE_BYTES = 12  # fp32 master + exp_avg + exp_avg_sq
 FP32_GRAD_BYTES = 4
 SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's zero_optimization.sub_group_size default
+MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters default
+LOGIT_BYTES = 14  # per logit: bf16 logits, their fp32 upcast, the fp32 log-softmax and its gradient
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 DEFAULT_PEAK_TFLOPS = 989.0  # H100/H200 SXM, dense bf16 (dude_dist.throughput.PEAK_TFLOPS)
 DEFAULT_MFU = 0.4
@@ -170,13 +183,63 @@ def largest_module(model: nn.Module) -> tuple[int, int]:
     return best, best_trainable
 
 
+def largest_block(model: nn.Module) -> int:
+    """Elements of the largest child of the model's largest ``ModuleList`` (a decoder layer);
+    0 for a model without one."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        return 0
+    blocks = max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters()))
+    return max((sum(p.numel() for p in child.parameters()) for child in blocks), default=0)
+
+
+def gathered_elements(total: int, block: int, largest: int, prefetch: int,
+                      max_live: int = MAX_LIVE_PARAMETERS) -> int:
+    """Elements of partitioned weights that ZeRO-3 holds gathered at once in a steady-state step.
+
+    With activation checkpointing a decoder layer's weights are gathered for its recompute
+    and stay gathered through its backward, and the last layer's stay gathered while the LM
+    head runs (reused within ``stage3_max_reuse_distance``; what is kept for reuse is bounded
+    by ``stage3_max_live_parameters``). Besides the LM head (the largest module, or the
+    prefetch bucket if that is larger), one more module of the largest size stays gathered:
+    on the Llama-2-70B-wide rehearsal (benchmarks/scale.py) the steady state after a
+    held-out evaluation pass held the embedding as well, 1.38B elements, against 1.12B in
+    runs without one. ``block + max(prefetch, largest) + largest``, at most the whole model.
+    """
+    kept = max(min(block, max_live), largest)
+    return min(total, kept + max(prefetch, largest) + largest)
+
+
+def step_phases(total: int, block: int, largest: int, prefetch: int, acts: dict[str, int], dtype_bytes: int,
+                max_live: int = MAX_LIVE_PARAMETERS) -> dict[str, dict[str, int]]:
+    """What a steady-state step holds beyond its fixed states, at its two worst moments (bytes).
+
+    ``head``: the LM head runs (forward, then its backward) while the last decoder layer is
+    still gathered (:func:`gathered_elements`), with the logits and the layer checkpoints.
+    ``layers_backward``: a decoder layer is recomputed and back-propagated, gathered whole
+    with the prefetch of the next one, with its activations and the checkpoints. In both, a
+    released module's buffer is still in flight (``in_flight``).
+    """
+    head = gathered_elements(total, block, largest, prefetch, max_live)
+    layer = min(total, max(min(block, max_live), largest) + prefetch)
+    in_flight = dtype_bytes * largest
+    return {
+        "head": {"gathered": dtype_bytes * head, "in_flight": in_flight,
+                 "activations": acts["checkpoints"] + acts["logits"]},
+        "layers_backward": {"gathered": dtype_bytes * layer, "in_flight": in_flight,
+                            "activations": acts["checkpoints"] + acts["recompute_layer"]},
+    }
+
+
 def buffer_bytes(model: nn.Module) -> int:
     return sum(b.numel() * b.element_size() for b in model.buffers())
 
 
-def persistent_params(model: nn.Module, threshold: int) -> int:
-    """Elements of the parameters ZeRO-3 leaves unpartitioned (``numel <= threshold``)."""
-    return sum(p.numel() for p in model.parameters() if p.numel() <= threshold)
+def persistent_params(model: nn.Module, threshold: int, trainable_whole: bool = True) -> int:
+    """Elements of the parameters ZeRO-3 leaves unpartitioned: ``numel <= threshold``, and
+    with ``trainable_whole`` every trainable one (the trainer keeps the DuDe parameters whole)."""
+    return sum(p.numel() for p in model.parameters()
+               if p.numel() <= threshold or (trainable_whole and p.requires_grad))
 
 
 # --------------------------------------------------------------------------- memory
@@ -196,11 +259,13 @@ def activation_bytes(facts: dict, micro_batch_size: int, seq_len: int, dtype_byt
         2h                (o_proj and down_proj outputs for the residual adds)
         + DuDe            (x A^T [r] and the pre-scale output [out] per target)
 
-    ``layer = 2 * t * b * values``: the factor 2 is the gradients of those tensors, alive in
-    the same layer's backward. With checkpointing only each layer's input survives the
+    ``layer = t * b * values``: as backward walks the layer, each gradient replaces the
+    tensor it is computed from, so the layer holds about one set at a time (measured on a
+    Llama-2-70B-wide layer in bf16: 258 MiB at 512 tokens and 512 MiB at 1024 for the whole
+    step, against 252 and 504 MiB from this count; benchmarks/scale.py). With checkpointing only each layer's input survives the
     forward (``checkpoints = L * t * h * b``) plus one recomputed layer; without it, all
-    ``L`` layers are kept. ``logits = t * V * 10``: bf16 logits, the loss's fp32 upcast and
-    its fp32 gradient.
+    ``L`` layers are kept. ``logits = t * V * 14``: bf16 logits, the loss's fp32 upcast, its
+    fp32 log-softmax and the fp32 gradient.
     """
     h = facts["hidden_size"]
     heads = facts["num_attention_heads"]
@@ -211,12 +276,12 @@ def activation_bytes(facts: dict, micro_batch_size: int, seq_len: int, dtype_byt
     n_layers = facts["num_hidden_layers"]
     tokens = micro_batch_size * seq_len
     values = 2 * 5 * h + 3 * q + 3 * kv + 4 * inter + 2 * h + dude_values_per_layer
-    layer = 2 * tokens * dtype_bytes * values
+    layer = tokens * dtype_bytes * values
     if gradient_checkpointing:
         kept = {"checkpoints": n_layers * tokens * h * dtype_bytes, "recompute_layer": layer}
     else:
         kept = {"checkpoints": 0, "recompute_layer": n_layers * layer}
-    kept["logits"] = tokens * facts["vocab_size"] * (2 + 4 + 4)
+    kept["logits"] = tokens * facts["vocab_size"] * LOGIT_BYTES
     return kept
 
 
@@ -231,10 +296,12 @@ class MemoryPlan:
     persistent: int
     buffers: int
     gathered: int
+    in_flight: int
     buckets: int
     activations: int
     reserve: int
     activations_detail: dict[str, int] = field(default_factory=dict)
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def model_states(self) -> int:
@@ -242,21 +309,40 @@ class MemoryPlan:
         return self.params + self.grads + self.optimizer + self.optimizer_step + self.gathered
 
     @property
+    def step_transient(self) -> int:
+        """Gathered weights, in-flight buffers and activations at the step's worst moment.
+
+        ``gathered`` and ``activations`` are each their largest over the step, but they peak
+        at different moments (:func:`step_phases`); the step needs the larger phase sum.
+        """
+        if not self.phases:
+            return self.gathered + self.in_flight + self.activations
+        return max(sum(parts.values()) for parts in self.phases.values())
+
+    @property
     def total(self) -> int:
-        return self.model_states + self.persistent + self.buffers + self.buckets + self.activations + self.reserve
+        return (self.params + self.grads + self.optimizer + self.optimizer_step + self.persistent + self.buffers
+                + self.buckets + self.step_transient + self.reserve)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "model_states": self.model_states, "total": self.total}
+        return {**asdict(self), "model_states": self.model_states, "step_transient": self.step_transient,
+                "total": self.total}
 
 
 def zero_model_states(total_params: int, trainable_params: int, largest: int, largest_trainable: int,
                       world_size: int, dtype_bytes: int = 2, stage: int = 3,
-                      sub_group_size: int = SUB_GROUP_SIZE) -> dict[str, int]:
-    """Params, grads, optimizer states and the gathered module per GPU (no offload).
+                      sub_group_size: int = SUB_GROUP_SIZE, grad_bytes: int | None = None) -> dict[str, int]:
+    """Params, grads, optimizer states and the gathered weights per GPU (no offload).
 
     Stage 1 partitions the optimizer states, 2 also the gradients, 3 also the parameters
-    (and only stage 3 gathers a module's full weight while it runs).
+    (and only stage 3 gathers weights while they run). ``largest`` is the number of
+    elements gathered at once: the largest module for DeepSpeed's estimator,
+    :func:`gathered_elements` for a plan. ``grad_bytes`` is the size of an accumulated
+    gradient element (default: the model dtype's); with float32 accumulation (4, what
+    :func:`dude_dist.zero.build_ds_config` asks for in bf16) the optimizer steps on the
+    accumulated partition itself and no float32 copy is made.
     """
+    grad_bytes = grad_bytes or dtype_bytes
 
     def part(n: int, partitioned: bool) -> int:
         return -(-n // world_size) if partitioned else n
@@ -264,9 +350,10 @@ def zero_model_states(total_params: int, trainable_params: int, largest: int, la
     trainable = part(trainable_params, stage >= 2)
     return {
         "params": dtype_bytes * part(total_params, stage == 3),
-        "grads": dtype_bytes * trainable,
+        "grads": grad_bytes * trainable,
         "optimizer": ADAM_STATE_BYTES * part(trainable_params, stage >= 1),
-        "optimizer_step": FP32_GRAD_BYTES * min(part(trainable_params, stage >= 1), sub_group_size),
+        "optimizer_step": 0 if grad_bytes == FP32_GRAD_BYTES
+        else FP32_GRAD_BYTES * min(part(trainable_params, stage >= 1), sub_group_size),
         "gathered": dtype_bytes * (largest + largest_trainable) if stage == 3 else 0,
     }
 
@@ -285,14 +372,58 @@ def deepspeed_estimate(total_params: int, largest_layer_params: int, num_gpus_pe
 # --------------------------------------------------------------------------- SVD timing
 
 
-def calibrate_svd_gflops(adapter: DudeConfig, size: int = 512) -> float:
-    """This machine's CPU throughput in ``svd_cost`` units (:func:`dude_dist.svd_init.measure_svd_gflops`).
+def calibrate_svd_gflops(adapter: DudeConfig, size: int = 4096, dtype: str = "float32",
+                         threads: int | None = None) -> float:
+    """This machine's CPU throughput in ``svd_cost`` units (:func:`dude_dist.svd_init.measure_svd_gflops`),
+    for a ``size x size`` weight of ``dtype`` on ``threads`` torch threads (None: as set now).
 
-    A GPU is much faster: pass ``svd_gflops`` for the cluster's figure (the trainer measures
-    the device it runs on and logs its own estimate).
+    The range finder multiplies the weight by ``rank + oversample`` columns, few enough that
+    it streams the weight from memory: a weight that fits in cache factorises ~25% faster per
+    ``svd_cost`` unit than a 32B/70B projection (measured: 20 against 16 Gflop/s, one core),
+    so the probe's 4096 x 4096 (64 MiB in float32) is out of cache like they are.
+
+    A CPU run's ranks share the cores (``OMP_NUM_THREADS=1`` each on 2 cores), so the probe
+    runs with a rank's share. A GPU is much faster: pass ``svd_gflops`` for the cluster's
+    figure (the trainer measures the device it runs on and logs its own estimate).
     """
-    return measure_svd_gflops(adapter.rank, adapter.svd, oversample=adapter.svd_oversample, niter=adapter.svd_niter,
-                              size=size)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return measure_svd_gflops(adapter.rank, adapter.svd, oversample=adapter.svd_oversample,
+                                  niter=adapter.svd_niter, size=size, dtype=getattr(torch, dtype))
+    finally:
+        torch.set_num_threads(before)
+
+
+HOST_PER_RANK_GIB = 3.0  # a GPU rank's own host memory: CUDA context, torch, NCCL, DeepSpeed, data
+
+
+def host_memory(base_params: int, largest: int, gpus_per_node: int, dtype_bytes: int, *, params_partition: int,
+                optimizer_partition: int, offload_param: bool, offload_optimizer: bool,
+                per_rank: int = int(HOST_PER_RANK_GIB * GIB)) -> dict[str, int]:
+    """Host RAM of one node (bytes), while loading and in steady state.
+
+    Loading under ``zero.Init`` with transformers: global rank 0 maps every safetensors shard
+    of the checkpoint (``b * P`` bytes of page cache on node 0, file-backed, so reclaimable
+    but resident while the load runs) and copies each weight into its gathered parameter;
+    the other ranks read nothing from the files. Each rank builds one module whole before
+    partitioning it, and gathers one module whole to load it (``2 b L`` for the largest
+    module ``L``); on a GPU both are device memory. Offloaded parameters or optimizer
+    states live in host RAM for the whole run.
+    """
+    offloaded = (params_partition if offload_param else 0) + (optimizer_partition if offload_optimizer else 0)
+    steady = gpus_per_node * (per_rank + offloaded)
+    checkpoint = dtype_bytes * base_params
+    return {"per_rank_process": per_rank, "offloaded_per_rank": offloaded, "checkpoint_mapped_by_rank0": checkpoint,
+            "module_while_loading_per_rank": 2 * dtype_bytes * largest,
+            "node0_while_loading": steady + checkpoint, "node_steady": steady}
+
+
+def svd_layer_seconds(out_features: int, in_features: int, adapter: DudeConfig, svd_gflops: float) -> float:
+    """Estimated seconds of factorising one ``[out, in]`` weight at ``svd_gflops``."""
+    return svd_cost(out_features, in_features, adapter.rank, adapter.svd, oversample=adapter.svd_oversample,
+                    niter=adapter.svd_niter) / (svd_gflops * 1e9)
 
 
 def gather_traffic(frozen_bytes: int, nodes: int, gpus_per_node: int, micro_batches: int, passes: int) -> dict:
@@ -360,6 +491,7 @@ class Plan:
     init: dict
     all_trainable: dict
     traffic: dict
+    host: dict
     step: dict
 
     @property
@@ -367,6 +499,12 @@ class Plan:
         """One checkpoint's size: per trainable number its fp32 master and two Adam moments
         (``trainable.safetensors``) and the model's own copy (``dude_params.safetensors``, fp32)."""
         return 16 * self.trainable_params
+
+    @property
+    def loading_bytes(self) -> int:
+        """Per-rank peak while the model loads: its partition, buffers, and the largest module
+        built whole and gathered whole (:func:`host_memory`)."""
+        return self.memory.params + self.memory.buffers + self.host["module_while_loading_per_rank"]
 
     @property
     def world_size(self) -> int:
@@ -379,7 +517,7 @@ class Plan:
     def to_dict(self) -> dict:
         keys = ("model", "facts_file", "nodes", "gpus_per_node", "world_size", "base_params", "total_params",
                 "trainable_params", "trainable_closed_form", "targets", "largest_module_params", "zero_stage",
-                "gpu_memory_bytes", "fits", "init", "all_trainable", "traffic", "checkpoint_bytes",
+                "gpu_memory_bytes", "fits", "init", "all_trainable", "traffic", "host", "checkpoint_bytes", "loading_bytes",
                 "step")
         d = {k: getattr(self, k) for k in keys}
         d["memory"] = self.memory.to_dict()
@@ -453,21 +591,31 @@ def plan_run(cfg: RunConfig, nodes: int, gpus_per_node: int, *, gpu_memory_gb: f
     b = DTYPES[cfg.model.dtype]
     ds = cfg.deepspeed
 
-    states = zero_model_states(total, trainable, largest, largest_trainable, world, b, ds.zero_stage)
+    live = gathered_elements(total, largest_block(model), largest, ds.stage3_prefetch_bucket_size)
+    # build_ds_config accumulates bf16/fp16 gradients in float32 (data_types.grad_accum_dtype).
+    states = zero_model_states(total, trainable, live, largest_trainable, world, b, ds.zero_stage,
+                               grad_bytes=FP32_GRAD_BYTES if b == 2 else b)
     rank = cfg.adapter.rank
     dude_values = sum(rank + out_f for out_f, _ in shapes.values()) // facts["num_hidden_layers"]
     acts = activation_bytes(facts, cfg.train.micro_batch_size, cfg.data.max_seq_len, b, dude_values,
                             cfg.train.gradient_checkpointing)
+    phases = step_phases(total, largest_block(model), largest, ds.stage3_prefetch_bucket_size, acts, b) \
+        if ds.zero_stage == 3 else {}
     memory = MemoryPlan(
         **states,
-        persistent=b * persistent_params(model, ds.stage3_param_persistence_threshold) if ds.zero_stage == 3 else 0,
+        persistent=b * persistent_params(model, ds.stage3_param_persistence_threshold, not all_trainable)
+        if ds.zero_stage == 3 else 0,
         buffers=buffer_bytes(model),
-        buckets=b * ((ds.stage3_prefetch_bucket_size if ds.zero_stage == 3 else 0) + ds.reduce_bucket_size),
-        activations=sum(acts.values()), reserve=int(reserve_gb * GIB), activations_detail=acts)
+        in_flight=b * largest if ds.zero_stage == 3 else 0,
+        buckets=FP32_GRAD_BYTES * ds.reduce_bucket_size,
+        activations=max(parts["activations"] for parts in phases.values()) if phases else sum(acts.values()),
+        reserve=int(reserve_gb * GIB), activations_detail=acts, phases=phases)
 
     init = plan_init(shapes, world, cfg.adapter)
-    source = "given" if svd_gflops else "measured on this machine's CPU"
-    gflops = svd_gflops or calibrate_svd_gflops(cfg.adapter)
+    source = ("given" if svd_gflops else
+              f"measured on this machine's CPU, {max(1, (os.cpu_count() or 1) // gpus_per_node)} thread(s) per rank")
+    gflops = svd_gflops or calibrate_svd_gflops(cfg.adapter, dtype=cfg.model.dtype,
+                                                threads=max(1, (os.cpu_count() or 1) // gpus_per_node))
     init_dict = {
         "svd": cfg.adapter.svd, "svd_gflops": gflops, "svd_gflops_source": source,
         "layers_per_rank": [len(init.layers_of(r)) for r in range(world)],
@@ -475,8 +623,14 @@ def plan_run(cfg: RunConfig, nodes: int, gpus_per_node: int, *, gpu_memory_gb: f
         "seconds_per_rank": [load / (gflops * 1e9) for load in init.load],
         "bytes_broadcast": sum(4 * (rank * (i + o) + o) for o, i in shapes.values()),
         "bytes_residual": sum(b * o * i for o, i in shapes.values()),
+        # On the owner of the largest target while it factorises: the gathered weight and the
+        # float32 copy the range finder multiplies with.
+        "transient_bytes": max(((b + 4) * o * i for o, i in shapes.values()), default=0),
     }
 
+    host = host_memory(base_params, largest, gpus_per_node, b, params_partition=memory.params,
+                       optimizer_partition=memory.optimizer + memory.optimizer_step,
+                       offload_param=ds.offload_param != "none", offload_optimizer=ds.offload_optimizer != "none")
     layout = batch_layout(cfg.train, world)
     step = step_estimate(FlopModel.from_model(model, cfg.train.gradient_checkpointing),
                          layout.global_batch_size * cfg.data.max_seq_len, cfg.data.max_seq_len,
@@ -496,6 +650,7 @@ def plan_run(cfg: RunConfig, nodes: int, gpus_per_node: int, *, gpu_memory_gb: f
         trainable_closed_form=trainable_closed_form(shapes, rank), targets=len(shapes),
         largest_module_params=largest, zero_stage=ds.zero_stage, memory=memory,
         gpu_memory_bytes=int(gpu_memory_gb * GIB), init=init_dict, all_trainable=comparison, traffic=traffic,
+        host=host,
         step=step)
 
 
@@ -512,11 +667,17 @@ def format_plan(plan: Plan) -> str:
         f"closed form sum r(in+out)+out over {plan.targets} targets = {plan.trainable_closed_form:,}",
         f"per-GPU memory (ZeRO stage {plan.zero_stage}):",
     ]
-    for key in ("params", "grads", "optimizer", "optimizer_step", "persistent", "buffers", "gathered", "buckets",
-                "activations", "reserve"):
+    for key in ("params", "grads", "optimizer", "optimizer_step", "persistent", "buffers", "gathered", "in_flight",
+                "buckets", "activations", "reserve"):
         lines.append(f"  {key:15s}{g(getattr(m, key))}")
     detail = ", ".join(f"{k} {v / GIB:.2f}" for k, v in m.activations_detail.items())
-    lines += [f"    activations: {detail} GiB",
+    lines.append(f"    activations: {detail} GiB")
+    if m.phases:
+        worst = max(m.phases, key=lambda k: sum(m.phases[k].values()))
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in m.phases[worst].items())
+        lines.append(f"    gathered, in_flight and activations peak at different moments; the worst, {worst}: "
+                     f"{parts} GiB")
+    lines += [
               f"  {'total':15s}{g(m.total)}  of {g(plan.gpu_memory_bytes)}  -> "
               f"{'fits' if plan.fits else 'DOES NOT FIT'}"]
     cmp = plan.all_trainable
@@ -525,8 +686,16 @@ def format_plan(plan: Plan) -> str:
         line += f", DeepSpeed's estimator {cmp['deepspeed_model_states'] / GIB:.2f} GiB (ratio {cmp['ratio']:.3f})"
     secs = init["seconds_per_rank"]
     t, st = plan.traffic, plan.step
+    h = plan.host
     lines += [
         line,
+        f"while loading: {plan.loading_bytes / GIB:.2f} GiB per GPU (partition + the largest module built and "
+        f"gathered whole); init: {init['transient_bytes'] / GIB:.2f} GiB more on the owner of the largest target",
+        f"host RAM per node: {h['node_steady'] / GIB:.1f} GiB steady ({plan.gpus_per_node} ranks x "
+        f"{h['per_rank_process'] / GIB:.1f} GiB allowance"
+        + (f" + {h['offloaded_per_rank'] / GIB:.2f} GiB offloaded" if h["offloaded_per_rank"] else "")
+        + f"); node 0 while loading: {h['node0_while_loading'] / GIB:.1f} GiB (global rank 0 maps the whole "
+        f"checkpoint, {h['checkpoint_mapped_by_rank0'] / GIB:.1f} GiB of page cache)",
         f"checkpoint: {plan.checkpoint_bytes / 1e6:.0f} MB (fp32 masters, Adam moments and DuDe tensors; "
         "the frozen weights are never saved)",
         f"frozen-weight gathers per GPU per step ({t['micro_batches']} micro-batches x {t['passes_per_micro_batch']} "

@@ -335,9 +335,10 @@ def init_dude_layers(
     shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
     plan = plan_init(shapes, comm.world_size, cfg)
     if not use_cache and layers:
-        device = svd_device(next(iter(layers.values())))
+        first = next(iter(layers.values()))
+        device = svd_device(first)
         gflops = measure_svd_gflops(cfg.rank, cfg.svd, oversample=cfg.svd_oversample, niter=cfg.svd_niter,
-                                    device=device)
+                                    device=device, size=1024, dtype=first.weight.dtype)
         stats.est_seconds_per_rank = [load / (gflops * 1e9) for load in plan.load]
         logger.info("init plan over %d ranks (SVD %s on %s, ~%.1f Gflop/s measured there): %s", comm.world_size,
                     cfg.svd, device, gflops,

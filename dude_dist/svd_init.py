@@ -149,10 +149,19 @@ def factorize(
         )
     else:
         raise ValueError(f"unknown svd method {method!r}; valid: {', '.join(SVD_METHODS)}")
-    total = weight.float().pow(2).sum().item()
+    total = squared_norm(weight)
     energy = float(s.pow(2).sum().item() / total) if total > 0 else 0.0
     lora_a, lora_b = split_singular_values(u, s, vh, variant)
     return Factors(lora_a=lora_a.contiguous(), lora_b=lora_b.contiguous(), energy=energy)
+
+
+def squared_norm(weight: torch.Tensor, chunk_rows: int = 1024) -> float:
+    """``||weight||_F^2`` summed in float64 a block of rows at a time (no float32 copy of the
+    whole weight: at 28672 x 8192 that would be 940 MB more on the device during init)."""
+    total = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for start in range(0, weight.shape[0], chunk_rows):
+        total += weight[start:start + chunk_rows].float().square().sum(dtype=torch.float64)
+    return float(total)
 
 
 def svd_cost(out_features: int, in_features: int, rank: int, method: str, *, oversample: int = 16, niter: int = 4) -> float:
@@ -164,17 +173,18 @@ def svd_cost(out_features: int, in_features: int, rank: int, method: str, *, ove
 
 
 def measure_svd_gflops(rank: int, method: str, *, oversample: int = 8, niter: int = 2, size: int = 512,
-                       device: torch.device | str = "cpu") -> float:
+                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> float:
     """Throughput of :func:`factorize` on ``device``, in :func:`svd_cost` units (Gflop/s).
 
-    Times one factorisation of a random ``size x size`` float32 matrix after one warm-up
-    (the first CUDA call pays for its kernels and handles). ``svd_cost`` is a model, so this
+    Times one factorisation of a random ``size x size`` matrix of ``dtype`` (the weights'
+    own: a bf16 weight also pays for its float32 copy and the energy sum, in proportion to
+    the cost) after one warm-up (the first CUDA call pays for its kernels and handles). ``svd_cost`` is a model, so this
     is a rate in that model's units; a small SVD runs below the speed of large ones, so
     estimates made from it err on the slow side.
     """
     device = torch.device(device)
     rank = min(rank, size)
-    weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
     kwargs = {"method": method, "name": "calibration", "oversample": oversample, "niter": niter}
     factorize(weight, rank, **kwargs)
     if device.type == "cuda":

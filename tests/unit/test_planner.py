@@ -20,10 +20,14 @@ from dude_dist.planner import (
     count_parameters,
     deepspeed_estimate,
     find_model_facts,
+    gathered_elements,
+    host_memory,
     inject_dude_shells,
+    largest_block,
     largest_module,
     load_model_facts,
     model_facts_name,
+    persistent_params,
     plan_run,
     trainable_closed_form,
     zero_model_states,
@@ -134,7 +138,10 @@ def test_activations_scale_with_tokens_and_checkpointing_saves_memory():
     two = activation_bytes(facts, 2, 512, 2, 1000)
     assert {k: 2 * v for k, v in one.items()} == two
     assert one["checkpoints"] == 28 * 512 * 3584 * 2
-    assert one["logits"] == 512 * 152064 * 10
+    assert one["logits"] == 512 * 152064 * 14
+    # one set of the layer's per-token values (norms 2x5h, q/k/v/rotary/attention 3q+3kv, MLP 4i,
+    # residual outputs 2h, DuDe 1000), as measured on a 70B-wide layer
+    assert one["recompute_layer"] == 512 * 2 * (10 * 3584 + 3 * 3584 + 3 * 512 + 4 * 18944 + 2 * 3584 + 1000)
     full = activation_bytes(facts, 1, 512, 2, 1000, gradient_checkpointing=False)
     assert full["recompute_layer"] == 28 * one["recompute_layer"] > sum(one.values())
 
@@ -209,3 +216,54 @@ def test_gather_traffic_flat_and_hierarchical():
     assert t["hpz_extra_bytes_per_gpu"] == pytest.approx(100 / 8)
     one_node = gather_traffic(100, nodes=1, gpus_per_node=8, micro_batches=1, passes=2)
     assert one_node["flat"]["inter_node"] == 0 and one_node["hpz_extra_bytes_per_gpu"] == 0
+
+
+def test_a_whole_decoder_layer_is_gathered_not_only_the_largest_module():
+    _, _, model, _ = built("meta-llama/Llama-2-70b-hf")
+    total, _ = count_parameters(model)
+    block = largest_block(model)
+    # 4 attention projections (8192^2 twice, 1024x8192 twice), 3 MLP (28672x8192), 2 norms, DuDe q,v
+    attention = 2 * 8192 * 8192 + 2 * 1024 * 8192
+    mlp = 3 * 28672 * 8192
+    dude = 16 * (8192 + 8192) + 8192 + 16 * (8192 + 1024) + 1024
+    assert block == attention + mlp + 2 * 8192 + dude
+    largest, _ = largest_module(model)
+    assert largest == 32000 * 8192  # an embedding: far less than a layer
+    live = gathered_elements(total, block, largest, prefetch=50_000_000)
+    # the last layer, the LM head fetched while it is still held, and the embedding
+    assert live == block + 2 * largest
+    assert gathered_elements(total, block, 1_000, prefetch=50_000_000) == block + 50_000_000 + 1_000
+    # What is kept for reuse is at most stage3_max_live_parameters, never less than one module;
+    # the whole is at most the model.
+    assert gathered_elements(total, block, largest, prefetch=0, max_live=500_000_000) == 500_000_000 + 2 * largest
+    assert gathered_elements(total, block, largest, prefetch=0, max_live=1_000) == 3 * largest
+    assert gathered_elements(300_000_000, block, largest, prefetch=0) == 300_000_000
+
+
+def test_plan_gathers_a_layer_and_keeps_every_trainable_parameter_whole():
+    cfg = load_config(ROOT / "configs" / "llama70b.yaml")
+    plan = plan_run(cfg, 1, 8, svd_gflops=1000.0, compare_deepspeed=False)
+    _, _, model, _ = built("meta-llama/Llama-2-70b-hf")
+    assert plan.memory.gathered == 2 * (largest_block(model) + 2 * 32000 * 8192)
+    threshold = cfg.deepspeed.stage3_param_persistence_threshold
+    frozen_small = sum(p.numel() for p in model.parameters() if not p.requires_grad and p.numel() <= threshold)
+    assert plan.memory.persistent == 2 * (frozen_small + plan.trainable_params)
+    assert persistent_params(model, threshold, trainable_whole=False) < frozen_small + plan.trainable_params
+    assert plan.memory.persistent == 2 * persistent_params(model, cfg.deepspeed.stage3_param_persistence_threshold)
+    # Rank 0 maps the whole bf16 checkpoint while loading; every rank holds two largest modules.
+    assert plan.host["checkpoint_mapped_by_rank0"] == 2 * plan.base_params
+    assert plan.loading_bytes == plan.memory.params + plan.memory.buffers + 2 * 2 * 32000 * 8192
+    # The owner of a q_proj holds it gathered (bf16) and as float32 while it factorises.
+    assert plan.init["transient_bytes"] == 6 * 8192 * 8192
+
+
+def test_host_memory_adds_offloaded_states_and_the_checkpoint_on_node_zero():
+    kw = dict(params_partition=100, optimizer_partition=10, per_rank=1000)
+    none = host_memory(5_000, 7, 8, 2, offload_param=False, offload_optimizer=False, **kw)
+    assert none["node_steady"] == 8 * 1000
+    assert none["node0_while_loading"] == 8 * 1000 + 2 * 5_000
+    assert none["module_while_loading_per_rank"] == 2 * 2 * 7
+    both = host_memory(5_000, 7, 8, 2, offload_param=True, offload_optimizer=True, **kw)
+    assert both["node_steady"] == 8 * (1000 + 110)
+    opt = host_memory(5_000, 7, 8, 2, offload_param=False, offload_optimizer=True, **kw)
+    assert opt["offloaded_per_rank"] == 10

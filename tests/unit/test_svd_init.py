@@ -16,6 +16,7 @@ from dude_dist.svd_init import (
     factorize,
     layer_seed,
     randomized_svd,
+    squared_norm,
     svd_cost,
 )
 
@@ -229,3 +230,32 @@ def test_measured_svd_throughput_is_cost_over_the_timed_seconds(monkeypatch, met
     rate = measure_svd_gflops(8, method, size=64, **kwargs)
     want = svd_cost(64, 64, 8, method, oversample=kwargs.get("oversample", 8), niter=kwargs.get("niter", 2))
     assert rate == want / 2.5 / 1e9
+
+
+def test_squared_norm_is_the_float64_frobenius_norm_across_chunk_boundaries():
+    weight = (torch.randn(2500, 96, generator=torch.Generator().manual_seed(1)) * 3).to(torch.bfloat16)
+    want = weight.double().square().sum().item()
+    for chunk in (1, 7, 1024, 4096):
+        assert squared_norm(weight, chunk_rows=chunk) == pytest.approx(want, rel=1e-12)
+
+
+def test_randomized_factorisation_makes_one_float32_copy_of_the_weight():
+    """The range finder multiplies with one float32 copy; the energy is summed a block at a time."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    out_f, in_f = 2048, 512
+    made: list[tuple[str, torch.dtype]] = []
+
+    class Large(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            outputs = result if isinstance(result, (tuple, list)) else (result,)
+            for t in outputs:
+                if isinstance(t, torch.Tensor) and t.numel() >= out_f * in_f and not func.is_view:
+                    made.append((str(func), t.dtype))
+            return result
+
+    weight = torch.randn(out_f, in_f).to(torch.bfloat16)
+    with Large():
+        factorize(weight, RANK, method="randomized", name="w")
+    assert made == [("aten._to_copy.default", torch.float32)], made
