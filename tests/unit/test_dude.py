@@ -143,13 +143,13 @@ X_SHAPES = {
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("x_shape", list(X_SHAPES))
 @pytest.mark.parametrize("norm_grad", ["exact", "detach"])
-def test_fused_matches_eager_in_float64(norm_grad, x_shape, bias):
+def test_fused_matches_eager_in_float64(norm_grad, x_shape, bias, test_device):
     """The fused function gives the plain autograd path's output and gradients of x, A, B,
     m (and a trainable bias) to rounding, for 2-D, 3-D and non-contiguous 3-D inputs."""
-    fused, eager = fused_and_eager(norm_grad, bias=bias)
+    fused, eager = (layer.to(test_device) for layer in fused_and_eager(norm_grad, bias=bias))
     gen = torch.Generator().manual_seed(11)
-    x0 = X_SHAPES[x_shape](gen)
-    g = torch.randn(*x0.shape[:-1], OUT, generator=gen, dtype=torch.float64)
+    x0 = X_SHAPES[x_shape](gen).to(test_device)
+    g = torch.randn(*x0.shape[:-1], OUT, generator=gen, dtype=torch.float64).to(test_device)
     y_f, got = step_grads(fused, x0, lambda y: (y * g).sum())
     y_e, want = step_grads(eager, x0, lambda y: (y * g).sum())
     assert type(y_f.grad_fn).__name__ == "_ScaledLinearBackward"  # really the fused path
@@ -202,11 +202,11 @@ def test_fused_layer_passes_gradcheck_through_the_norm(bias):
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-def test_fused_backward_can_run_twice_and_no_grad_forward_matches():
+def test_fused_backward_can_run_twice_and_no_grad_forward_matches(test_device):
     """The saved tensors are not modified in backward: a retained graph gives the same
     gradients again; a forward without grad (the in-place path) gives the same output."""
-    layer = make_layer().double()
-    x = torch.randn(3, IN, dtype=torch.float64, requires_grad=True)
+    layer = make_layer().double().to(test_device)
+    x = torch.randn(3, IN, dtype=torch.float64).to(test_device).requires_grad_(True)
     y = layer(x)
     y.square().sum().backward(retain_graph=True)
     first = (x.grad.clone(), layer.lora_a.grad.clone(), layer.magnitude.grad.clone())
