@@ -602,7 +602,8 @@ def stage_layer_bench(run: Run, stage: Stage) -> None:
                       "saved_mib": r["saved_bytes"] / 2**20,
                       "cuda_peak_mib": r["cuda_peak_bytes"] / 2**20 if r.get("cuda_peak_bytes") else None})
     stage.figures["rows"] = table
-    impls = {"lora", "peft_lora", "peft_dora", "dude_exact", "dude_detach", "dude_recompute"}
+    impls = {"lora", "peft_lora", "peft_dora", "dude_exact", "dude_detach", "dude_exact_eager", "dude_detach_eager",
+             "dude_recompute"}
     for shape in sorted({r["shape"] for r in rows}):
         have = {r["impl"] for r in rows if r["shape"] == shape}
         stage.check(f"{shape}: every implementation measured", have == impls, sorted(have))

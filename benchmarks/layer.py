@@ -25,7 +25,10 @@ Implementations:
 * ``peft_lora`` / ``peft_dora``: ``peft`` ``LoraConfig(r, lora_alpha=r, use_dora=...)``
   injected into a module holding one ``nn.Linear``;
 * ``dude_exact`` / ``dude_detach``: :class:`dude_dist.dude.DudeLinear` with
-  ``norm_grad`` exact (the paper's gradient through the row norm) or detached;
+  ``norm_grad`` exact (the paper's gradient through the row norm) or detached, as built
+  by default (the fused autograd function);
+* ``dude_exact_eager`` / ``dude_detach_eager``: the same with ``fused=False``, the plain
+  autograd ops the fused function replaces;
 * ``dude_recompute``: ``dude_exact`` with ``recompute=True`` (``adapter.recompute``): the
   pre-scale output is rebuilt in backward instead of saved.
 """
@@ -49,7 +52,8 @@ from benchmarks.common import mib, time_once, wait_for_quiet, write_results  # n
 from dude_dist.dude import DudeLinear  # noqa: E402
 
 SHAPES = {"4096x4096": (4096, 4096), "v_proj 1024x4096": (1024, 4096)}
-IMPLS = ("lora", "peft_lora", "peft_dora", "dude_exact", "dude_detach", "dude_recompute")
+IMPLS = ("lora", "peft_lora", "peft_dora", "dude_exact", "dude_detach", "dude_exact_eager", "dude_detach_eager",
+         "dude_recompute")
 
 
 class LoraLinear(nn.Module):
@@ -98,9 +102,9 @@ def build(impl: str, out_f: int, in_f: int, rank: int, device: str, dtype: torch
         return LoraLinear(weight, lora_a, lora_b)
     if impl in ("peft_lora", "peft_dora"):
         return build_peft(weight, rank, use_dora=impl == "peft_dora")
-    mode = impl.split("_", 1)[1]
+    mode = impl.split("_")[1]
     layer = DudeLinear(in_f, out_f, rank, norm_grad="exact" if mode == "recompute" else mode,
-                       recompute=mode == "recompute", device=device, dtype=dtype)
+                       recompute=mode == "recompute", fused=not impl.endswith("_eager"), device=device, dtype=dtype)
     layer.init_dude(weight, lora_a, lora_b)
     return layer
 

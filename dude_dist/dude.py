@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 NORM_GRADS = ("exact", "detach")
 
@@ -39,6 +40,14 @@ class DudeLinear(nn.Module):
     keeps) and rebuilds ``z`` in backward (:class:`_ScaledLowRankLinear`): one more
     ``[tokens, in] x [in, out]`` matmul for ``tokens * out`` fewer saved numbers.
 
+    ``fused=True`` (the default) runs the same arithmetic as one autograd function
+    (:class:`_ScaledLinear`) that saves the same tensors but builds ``z`` in place, adds
+    the bias in the scaling pass and reuses ``z``'s memory in backward: two to three fewer
+    ``[tokens, out]`` allocations and elementwise passes per step. ``fused=False`` is the
+    plain autograd reference; under ``torch.autocast`` or with mixed dtypes the layer
+    always takes it. Either way the scale ``m / n`` and its graph through the row norm
+    stay ordinary autograd.
+
     Args:
         in_features: input size.
         out_features: output size.
@@ -46,6 +55,7 @@ class DudeLinear(nn.Module):
         bias: whether the layer carries a (frozen) bias.
         norm_grad: ``exact`` or ``detach``.
         recompute: rebuild the pre-scale output in backward instead of saving it.
+        fused: use the fused autograd function (ignored with ``recompute``).
         eps: lower bound on ``n^2``; a zero row gives a zero output, never NaN.
         device: where to allocate.
         dtype: parameter dtype (the model's).
@@ -63,6 +73,7 @@ class DudeLinear(nn.Module):
         bias: bool = False,
         norm_grad: str = "exact",
         recompute: bool = False,
+        fused: bool = True,
         eps: float = 1e-12,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -78,6 +89,7 @@ class DudeLinear(nn.Module):
         self.rank = rank
         self.norm_grad = norm_grad
         self.recompute = recompute
+        self.fused = fused
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
@@ -96,6 +108,7 @@ class DudeLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}, norm_grad={self.norm_grad}"
             + (", recompute=True" if self.recompute else "")
+            + ("" if self.fused else ", fused=False")
         )
 
     def adapter_params(self) -> list[str]:
@@ -156,12 +169,24 @@ class DudeLinear(nn.Module):
         scale = (self.magnitude.to(norm.dtype) / norm).to(x.dtype)  # [out]
         if self.recompute and torch.is_grad_enabled():
             out = _ScaledLowRankLinear.apply(x, self.weight, self.lora_a, self.lora_b, scale)
+        elif self.fused and self._can_fuse(x):
+            if not torch.is_grad_enabled():
+                return _scaled_linear(x, self.weight, self.lora_a, self.lora_b, scale, self.bias, keep_z=False)[0]
+            return _ScaledLinear.apply(x, self.weight, self.lora_a, self.lora_b, scale, self.bias)
         else:
             out = F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_a), self.lora_b)
             out = out * scale
         if self.bias is not None:
             out = out + self.bias
         return out
+
+    def _can_fuse(self, x: torch.Tensor) -> bool:
+        # Autocast picks each op's dtype itself, which the in-place products of the fused
+        # function cannot follow; mixed dtypes are whatever the plain ops make of them.
+        if torch.is_autocast_enabled(x.device.type):
+            return False
+        tensors = (self.weight, self.lora_a, self.lora_b) + ((self.bias,) if self.bias is not None else ())
+        return all(t.dtype == x.dtype for t in tensors)
 
     @torch.no_grad()
     def init_dude(self, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
@@ -185,6 +210,95 @@ class DudeLinear(nn.Module):
         scale = (self.magnitude.to(cdtype) / self.row_norm())[:, None]
         full = self.weight.to(cdtype) + self.lora_b.to(cdtype) @ self.lora_a.to(cdtype)
         return (full * scale).to(self.weight.dtype)
+
+
+def _scaled_linear(x, weight, lora_a, lora_b, scale, bias, *, keep_z: bool):
+    """``(y, x A^T, z)`` with ``z = x W_f^T + (x A^T) B^T`` built in place and
+    ``y = z * scale + bias``; without ``keep_z``, ``y`` is written over ``z``."""
+    xa = F.linear(x, lora_a)  # [..., r]
+    z = F.linear(x, weight).contiguous()  # [..., out], fresh
+    z.view(-1, z.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), lora_b.T)
+    if not keep_z:
+        out = z.mul_(scale) if bias is None else torch.addcmul(bias, z, scale, out=z)
+    else:
+        out = z * scale if bias is None else torch.addcmul(bias, z, scale)
+    return out, xa, z
+
+
+class _ScaledLinear(torch.autograd.Function):
+    """``y = (x W_f^T + (x A^T) B^T) * scale + bias``, saving ``x``, ``x A^T`` and ``z``.
+
+    Forward builds ``z = x W_f^T`` and adds ``(x A^T) B^T`` into it in place, then writes
+    ``y = bias + z * scale`` in one pass; ``z`` is saved only when ``scale`` needs a
+    gradient. Backward, with ``g`` the output gradient::
+
+        gz      = g * scale,   d scale = sum over tokens of g * z   (one pass, see _scale_grads)
+        d x     = gz W_f, then += (gz B) A     (in place)
+        d A     = (gz B)^T x,   d B = gz^T (x A^T),   d bias = sum over tokens of g
+
+    Only ``[tokens, *]``, ``[out, r]``/``[r, in]`` and ``[out]`` tensors are formed; the
+    only ``[out, in]`` tensor touched is the parameter ``W_f``, which gets no gradient.
+    Saved tensors are never modified, so ``retain_graph`` and ``gradcheck`` work; double
+    backward is not supported.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scale, bias):
+        keep_z = ctx.needs_input_grad[4]
+        out, xa, z = _scaled_linear(x, weight, lora_a, lora_b, scale, bias, keep_z=keep_z)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, scale, xa, z if keep_z else None)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b, scale, xa, z = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        g2 = grad.reshape(-1, grad.shape[-1])  # [tokens, out]
+        grad_x = grad_a = grad_b = grad_scale = grad_bias = None
+        if needs[5]:
+            grad_bias = g2.sum(0)
+        if needs[4]:
+            gz, grad_scale = _scale_grads(g2, z.view(-1, z.shape[-1]), scale)
+        elif needs[0] or needs[2] or needs[3]:
+            gz = g2 * scale
+        if needs[0] or needs[2]:
+            gzb = gz @ lora_b  # [tokens, r]
+            if needs[0]:
+                grad_x = torch.mm(gz, weight).addmm_(gzb, lora_a).view(x.shape)
+            if needs[2]:
+                grad_a = gzb.T @ x.reshape(-1, x.shape[-1])
+        if needs[3]:
+            grad_b = gz.T @ xa.reshape(-1, xa.shape[-1])
+        return grad_x, None, grad_a, grad_b, grad_scale, grad_bias
+
+
+def _scale_grads(g: torch.Tensor, z: torch.Tensor, scale: torch.Tensor,
+                 chunk_bytes: int = 1 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g * scale, sum over tokens of g * z)`` for ``g, z`` of ``[tokens, out]``.
+
+    On CPU both come from one sweep over blocks of tokens of about ``chunk_bytes``, so
+    ``g`` is read from memory once and ``g * z`` never exists as a ``[tokens, out]``
+    temporary (whose fresh pages cost more than the multiply). The sum accumulates in at
+    least float32, as ``Tensor.sum`` does for bf16/fp16. Elsewhere: the two plain ops.
+    """
+    if z.device.type != "cpu":
+        return g * scale, (g * z).sum(0)
+    tokens, width = z.shape
+    acc_dtype = torch.promote_types(z.dtype, torch.float32)
+    gz = torch.empty((tokens, width), dtype=z.dtype, device=z.device)
+    dots = torch.zeros(width, dtype=acc_dtype, device=z.device)
+    rows = max(1, chunk_bytes // max(1, width * z.element_size()))
+    buf = torch.empty((min(rows, tokens), width), dtype=z.dtype, device=z.device)
+    part = torch.empty(width, dtype=acc_dtype, device=z.device)
+    for start in range(0, tokens, rows):
+        stop = min(start + rows, tokens)
+        g_rows, block = g[start:stop], buf[: stop - start]
+        torch.mul(g_rows, scale, out=gz[start:stop])
+        torch.mul(g_rows, z[start:stop], out=block)
+        torch.sum(block, 0, dtype=acc_dtype, out=part)
+        dots += part
+    return gz, dots.to(z.dtype)
 
 
 class _ScaledLowRankLinear(torch.autograd.Function):

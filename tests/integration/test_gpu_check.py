@@ -78,7 +78,7 @@ def test_bf16_run_of_the_qwen_shaped_model(dry):
 def test_layer_benchmark_measured_every_implementation(dry):
     rows = dry["stages"]["layer_bench"]["figures"]["rows"]
     assert {r["impl"] for r in rows} == {"lora", "peft_lora", "peft_dora", "dude_exact", "dude_detach",
-                                         "dude_recompute"}
+                                         "dude_exact_eager", "dude_detach_eager", "dude_recompute"}
     by = {r["impl"]: r for r in rows}
     assert all(r["median_ms"] > 0 for r in rows)
     assert by["lora"]["x_lora"] == 1

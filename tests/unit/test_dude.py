@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from dude_dist.dude import DudeLinear, row_sq_norm
+from dude_dist.dude import DudeLinear, _scale_grads, _ScaledLinear, row_sq_norm
 from dude_dist.svd_init import factorize
 
 OUT, IN, RANK = 48, 32, 4  # non-square, so an [out, in] tensor is recognisable by its size
@@ -105,6 +105,159 @@ def test_unknown_norm_grad_and_bad_rank_are_rejected():
         DudeLinear(4, 4, 0)
 
 
+# --------------------------------------------------------------------------- the fused function
+
+
+def fused_and_eager(norm_grad: str, *, bias: bool) -> tuple[DudeLinear, DudeLinear]:
+    """Two float64 layers with the same parameters; a bias, if any, is made trainable so
+    that its gradient is checked too."""
+    fused = make_layer(norm_grad=norm_grad, bias=bias).double()
+    eager = make_layer(norm_grad=norm_grad, bias=bias).double()
+    eager.fused = False
+    for layer in (fused, eager):
+        if bias:
+            layer.bias.requires_grad_(True)
+    return fused, eager
+
+
+def step_grads(layer: DudeLinear, x0: torch.Tensor, loss) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    layer.zero_grad(set_to_none=True)
+    x = x0.detach().requires_grad_(True)
+    y = layer(x)
+    loss(y).backward()
+    names = [*layer.adapter_params(), *(["bias"] if layer.bias is not None and layer.bias.requires_grad else [])]
+    return y, {"x": x.grad, **{n: getattr(layer, n).grad for n in names}}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+X_SHAPES = {
+    "2d": lambda gen: torch.randn(7, IN, generator=gen, dtype=torch.float64),
+    "3d": lambda gen: torch.randn(2, 5, IN, generator=gen, dtype=torch.float64),
+    "3d_strided": lambda gen: torch.randn(5, 2, IN, generator=gen, dtype=torch.float64).transpose(0, 1),
+}
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("x_shape", list(X_SHAPES))
+@pytest.mark.parametrize("norm_grad", ["exact", "detach"])
+def test_fused_matches_eager_in_float64(norm_grad, x_shape, bias, test_device):
+    """The fused function gives the plain autograd path's output and gradients of x, A, B,
+    m (and a trainable bias) to rounding, for 2-D, 3-D and non-contiguous 3-D inputs."""
+    fused, eager = (layer.to(test_device) for layer in fused_and_eager(norm_grad, bias=bias))
+    gen = torch.Generator().manual_seed(11)
+    x0 = X_SHAPES[x_shape](gen).to(test_device)
+    g = torch.randn(*x0.shape[:-1], OUT, generator=gen, dtype=torch.float64).to(test_device)
+    y_f, got = step_grads(fused, x0, lambda y: (y * g).sum())
+    y_e, want = step_grads(eager, x0, lambda y: (y * g).sum())
+    assert type(y_f.grad_fn).__name__ == "_ScaledLinearBackward"  # really the fused path
+    assert type(y_e.grad_fn).__name__ != "_ScaledLinearBackward"
+    assert y_f.shape == y_e.shape == (*x0.shape[:-1], OUT)
+    assert rel_err(y_f, y_e) <= 1e-12
+    assert got.keys() == want.keys() == {"x", "lora_a", "lora_b", "magnitude", *(["bias"] if bias else [])}
+    errs = {k: rel_err(got[k], want[k]) for k in want}
+    assert all(e <= 1e-12 for e in errs.values()), errs
+    assert all(want[k].abs().max() > 1e-2 for k in want)  # not trivially small
+    # A loss whose output gradient is an expanded (stride-0) tensor takes the same path.
+    _, got_sum = step_grads(fused, x0, lambda y: y.sum())
+    _, want_sum = step_grads(eager, x0, lambda y: y.sum())
+    errs = {k: rel_err(got_sum[k], want_sum[k]) for k in want_sum}
+    assert all(e <= 1e-12 for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("x_dims", [2, 3])
+def test_fused_function_passes_gradcheck(x_dims, bias):
+    """The fused function's backward against finite differences, every input but the frozen
+    weight varied independently (scale as a free input: the detach mode's view of it)."""
+    gen = torch.Generator().manual_seed(12)
+    out_f, in_f, rank = 5, 4, 2
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(True)
+
+    x = rnd(*([2, 3] if x_dims == 3 else [3]), in_f)
+    weight = torch.randn(out_f, in_f, generator=gen, dtype=torch.float64)
+    inputs = (x, weight, rnd(rank, in_f), rnd(out_f, rank), rnd(out_f), rnd(out_f) if bias else None)
+    assert torch.autograd.gradcheck(_ScaledLinear.apply, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_layer_passes_gradcheck_through_the_norm(bias):
+    """The whole exact-mode layer (norm graph + fused function) against finite differences
+    in x, A, B, m and the bias."""
+    layer = make_layer(norm_grad="exact", bias=bias).double()
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 3, IN, generator=gen, dtype=torch.float64).requires_grad_(True)
+    names = [*layer.adapter_params(), *(["bias"] if bias else [])]
+    params = [getattr(layer, n).detach().clone().requires_grad_(True) for n in names]
+
+    def fn(x, *ps):
+        y = torch.func.functional_call(layer, dict(zip(names, ps, strict=True)), (x,))
+        assert type(y.grad_fn).__name__ == "_ScaledLinearBackward"
+        return y
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_fused_backward_can_run_twice_and_no_grad_forward_matches(test_device):
+    """The saved tensors are not modified in backward: a retained graph gives the same
+    gradients again; a forward without grad (the in-place path) gives the same output."""
+    layer = make_layer().double().to(test_device)
+    x = torch.randn(3, IN, dtype=torch.float64).to(test_device).requires_grad_(True)
+    y = layer(x)
+    y.square().sum().backward(retain_graph=True)
+    first = (x.grad.clone(), layer.lora_a.grad.clone(), layer.magnitude.grad.clone())
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    y.square().sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(first, (x.grad, layer.lora_a.grad, layer.magnitude.grad), strict=True))
+    with torch.no_grad():
+        assert torch.equal(layer(x), y.detach())
+
+
+def test_fused_falls_back_to_autograd_under_autocast():
+    """Autocast decides each op's dtype; the layer then runs the plain ops, bit for bit."""
+    fused, eager = make_layer(), make_layer()
+    eager.fused = False
+    x = torch.randn(4, IN)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_f, y_e = fused(x), eager(x)
+    assert type(y_f.grad_fn).__name__ != "_ScaledLinearBackward"
+    assert y_f.dtype == y_e.dtype and torch.equal(y_f, y_e)
+
+
+def test_fused_bfloat16_layer_matches_eager():
+    """bf16: same output and gradients as the plain ops to bf16 rounding."""
+    fused, eager = make_layer().bfloat16(), make_layer().bfloat16()
+    eager.fused = False
+    x0 = torch.randn(3, 8, IN, generator=torch.Generator().manual_seed(14)).bfloat16()
+    y_f, got = step_grads(fused, x0, lambda y: y.float().square().sum())
+    y_e, want = step_grads(eager, x0, lambda y: y.float().square().sum())
+    assert type(y_f.grad_fn).__name__ == "_ScaledLinearBackward" and y_f.dtype == torch.bfloat16
+    assert rel_err(y_f.float(), y_e.float()) <= 1e-2
+    errs = {k: rel_err(got[k].float(), want[k].float()) for k in want}
+    assert all(e <= 3e-2 for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("chunk_bytes", [1, 200, 1 << 20])
+def test_scale_grads_over_blocks_of_tokens(chunk_bytes, dtype):
+    """``g * scale`` and ``sum_t g * z`` over blocks of 1, 2 (the last one short) and all tokens."""
+    gen = torch.Generator().manual_seed(15)
+    g, z = (torch.randn(11, 12, generator=gen).to(dtype) for _ in range(2))
+    scale = torch.rand(12, generator=gen).to(dtype)
+    gz, dots = _scale_grads(g, z, scale, chunk_bytes=chunk_bytes)
+    assert torch.equal(gz, g * scale)
+    assert dots.dtype == dtype
+    want = (g.double() * z.double()).sum(0)
+    # bf16: each product rounded to bf16 (as (g * z).sum(0) does), the sum kept in float32.
+    tol = 1e-14 if dtype == torch.float64 else 2e-2
+    assert (dots.double() - want).abs().max().item() <= tol * want.abs().max().item()
+
+
 # --------------------------------------------------------------------------- memory
 
 
@@ -136,9 +289,11 @@ class MaterialisingDude(nn.Module):
         return reference_forward(lay, x, lay.lora_a, lay.lora_b, lay.magnitude, detach_norm=lay.norm_grad == "detach")
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("norm_grad", ["exact", "detach"])
-def test_no_out_by_in_tensor_is_saved_for_backward(norm_grad):
+def test_no_out_by_in_tensor_is_saved_for_backward(norm_grad, fused):
     layer = make_layer(norm_grad=norm_grad)
+    layer.fused = fused
     x = torch.randn(2, 3, IN, requires_grad=True)  # 6 tokens * IN << OUT * IN
 
     def step(module):
@@ -279,8 +434,10 @@ def test_init_dude_makes_merged_weight_equal_w0():
     (("lora_a",), True, "exact"),
     (("magnitude",), True, "detach"),  # then the scale m / n needs no gradient at all
 ])
-def test_recompute_backward_with_some_inputs_frozen(frozen, x_grad, norm_grad):
-    """The custom backward forms exactly the gradients asked for, equal to autograd's."""
+@pytest.mark.parametrize("mode", ["recompute", "fused"])
+def test_custom_backward_with_some_inputs_frozen(frozen, x_grad, norm_grad, mode):
+    """Each custom backward (recompute, fused) forms exactly the gradients asked for, equal
+    to plain autograd's (``fused=False``)."""
     layer = make_layer(norm_grad=norm_grad).double()
     for name in frozen:
         getattr(layer, name).requires_grad_(False)
@@ -288,12 +445,13 @@ def test_recompute_backward_with_some_inputs_frozen(frozen, x_grad, norm_grad):
     x0 = torch.randn(3, 5, IN, generator=gen, dtype=torch.float64)
     g = torch.randn(3, 5, OUT, generator=gen, dtype=torch.float64)
     results = {}
-    for recompute in (False, True):
-        layer.recompute = recompute
+    for custom in (False, True):
+        layer.fused = custom and mode == "fused"
+        layer.recompute = custom and mode == "recompute"
         layer.zero_grad(set_to_none=True)
         x = x0.clone().requires_grad_(x_grad)
         (layer(x) * g).sum().backward()
-        results[recompute] = ({n: getattr(layer, n).grad for n in layer.adapter_params()}, x.grad)
+        results[custom] = ({n: getattr(layer, n).grad for n in layer.adapter_params()}, x.grad)
     (plain, plain_x), (custom, custom_x) = results[False], results[True]
     for name in layer.adapter_params():
         if name in frozen:
@@ -311,6 +469,7 @@ def test_repr_names_the_configuration():
     layer = DudeLinear(IN, OUT, RANK, bias=True, norm_grad="detach", recompute=True)
     assert layer.extra_repr() == (f"in_features={IN}, out_features={OUT}, rank={RANK}, bias=True, "
                                   "norm_grad=detach, recompute=True")
+    assert plain.fused and DudeLinear(IN, OUT, RANK, fused=False).extra_repr().endswith("norm_grad=exact, fused=False")
 
 
 @pytest.mark.parametrize(("shape", "chunk_rows", "dtype"), [
