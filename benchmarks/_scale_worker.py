@@ -11,6 +11,8 @@ held-out evaluation. For each phase the rank records:
 * its peak resident memory (the kernel's ``VmHWM``, reset when the phase starts by writing
   5 to ``/proc/self/clear_refs``), and the anonymous and file-backed parts at the sampled
   peak (a thread reads ``/proc/self/status`` every 10 ms);
+* with CUDA, the device memory allocated at its start and end and its peak
+  (``torch.cuda.max_memory_allocated``, reset when the phase starts);
 * during steps, the most bytes of ZeRO-3 parameters gathered at once (partitioned
   parameters whose ``ds_status`` is ``AVAILABLE`` or ``INFLIGHT``, i.e. gathered or being
   prefetched, sampled by the same thread), the most resident memory besides them
@@ -117,11 +119,12 @@ class Recorder:
     def start(self, name: str) -> None:
         st = status_bytes()
         reset_peak()
+        cuda = _cuda_start()
         with self._lock:
             self.current = {"name": name, "t0": time.perf_counter(), "rss_start": st["VmRSS"],
                             "sampled_peak": st["VmRSS"], "anon_at_peak": st["RssAnon"],
                             "file_at_peak": st["RssFile"], "gathered_max": 0, "gathered_at_peak": 0,
-                            "other_max": 0, "series": [], "last": 0.0}
+                            "other_max": 0, "series": [], "last": 0.0, **cuda}
 
     def stop(self) -> None:
         st = status_bytes()
@@ -129,8 +132,24 @@ class Recorder:
             phase, self.current = self.current, None
         phase["seconds"] = time.perf_counter() - phase.pop("t0")
         phase.pop("last")
-        phase.update(rss_end=st["VmRSS"], peak=max(st["VmHWM"], phase["sampled_peak"]))
+        phase.update(rss_end=st["VmRSS"], peak=max(st["VmHWM"], phase["sampled_peak"]), **_cuda_stop())
         self.phases.append(phase)
+
+
+def _cuda_start() -> dict:
+    """Device memory at a phase's start (the peak counter is reset), when CUDA is in use."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return {"cuda_start": torch.cuda.memory_allocated()}
+
+
+def _cuda_stop() -> dict:
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    torch.cuda.synchronize()
+    return {"cuda_end": torch.cuda.memory_allocated(), "cuda_peak": torch.cuda.max_memory_allocated()}
 
 
 def gathered_bytes(params: list[torch.nn.Parameter]) -> int:

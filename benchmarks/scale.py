@@ -53,6 +53,7 @@ ARCHS = {
     "qwen32b": {"facts": "Qwen--Qwen2.5-32B.json", "vocab": 32000},
 }
 QV = ["q_proj", "v_proj"]
+NPROC = 2  # ranks per run; --gpu runs one rank on the one GPU
 TRAIN_STEPS = 5  # from step 3 on ZeRO-3 prefetches by the module order it traced: the steady state
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -142,7 +143,7 @@ def overrides(model: Path, out: Path, *, targets: list[str], seq: int, steps: in
               eval_size: int = 4, data: Path = GSM8K_TRAIN) -> list[str]:
     return [f"output_dir={out}", f"model.name_or_path={model}", "model.dtype=bfloat16",
             f"adapter.targets=[{','.join(targets)}]", "adapter.rank=16", "adapter.svd=randomized",
-            f"data.sources=[{data}]", "data.limit=128", f"data.max_seq_len={seq}", "data.packing=true",
+            f"data.sources=[{data}]", f"data.eval_sources=[{GSM8K_TRAIN.with_name('test.jsonl')}]", "data.limit=128", f"data.max_seq_len={seq}", "data.packing=true",
             f"data.eval_size={eval_size}", "train.micro_batch_size=1", "train.global_batch_size=2",
             f"train.max_steps={steps}", f"train.save_every={steps if save else 0}", "train.keep_last=2",
             "train.lr=1e-4", "eval.at_end=false", "deepspeed.timeout_s=3600", "deepspeed.step_timeout_s=3600"]
@@ -155,7 +156,8 @@ def run_ranks(script: str, args: list[str], log: Path, timeout: float, env_extra
     from benchmarks.train import RssSampler
     from dude_dist.distributed import child_env
 
-    cmd = torchrun_cmd(2) + [str(ROOT / script), *args]
+    launcher = torchrun_cmd(NPROC) if NPROC > 1 else [sys.executable]  # one rank: a plain process
+    cmd = launcher + [str(ROOT / script), *args]
     env = {**child_env(), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), **(env_extra or {})}
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -184,7 +186,7 @@ def train_run(model: Path, out: Path, *, targets: list[str], seq: int, steps: in
     env = {"DUDE_SCALE_TRACE_STEP": "1", "DUDE_SCALE_TRACE_MIN": str(trace_min)} if trace_min else {}
     print(f"  train {out.name}: {','.join(targets)} seq {seq}, {steps} steps, resume {resume}", flush=True)
     outer = run_ranks("benchmarks/_scale_worker.py", args, out.parent / f"{out.name}_{resume}.log", timeout, env)
-    ranks = [json.loads((out / f"scale_rank{k}.json").read_text()) for k in range(2)]
+    ranks = [json.loads((out / f"scale_rank{k}.json").read_text()) for k in range(NPROC)]
     summary = json.loads((out / "summary.json").read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"outer": outer, "ranks": ranks, "summary": summary,
@@ -314,23 +316,33 @@ def rss():
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     return {k: int(fields[k].split()[0]) << 10 for k in ("VmRSS", "VmHWM")}
 
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+device = sys.argv[4]
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).to(device)
 inject_and_init(model, DudeConfig(targets=tuple(sys.argv[3].split(",")), rank=16, svd="randomized"))
 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 model.config.use_cache = False
 model.train()  # from_pretrained returns eval mode, in which transformers skips checkpointing
-ids = torch.randint(3, 500, (1, int(sys.argv[2])), generator=torch.Generator().manual_seed(0))
+ids = torch.randint(3, 500, (1, int(sys.argv[2])), generator=torch.Generator().manual_seed(0)).to(device)
 for _ in range(2):  # the second step, with every lazily built buffer in place
-    start = rss()["VmRSS"]
-    Path("/proc/self/clear_refs").write_text("5")
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    else:
+        start = rss()["VmRSS"]
+        Path("/proc/self/clear_refs").write_text("5")
     model(input_ids=ids, labels=ids).loss.backward()
-    peak = rss()["VmHWM"] - start
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - start
+    else:
+        peak = rss()["VmHWM"] - start
     model.zero_grad(set_to_none=True)
 print(json.dumps({"seq": int(sys.argv[2]), "peak": peak}))
 """
 
 
-def activation_peak(model: Path, seq: int, targets: list[str] = QV) -> int:
+def activation_peak(model: Path, seq: int, targets: list[str] = QV, device: str = "cpu") -> int:
     """Resident bytes one training step of the slice adds, with every weight already in memory
     and no ZeRO-3 (one process, checkpointing, the same DuDe targets): its activations."""
     import subprocess
@@ -338,7 +350,7 @@ def activation_peak(model: Path, seq: int, targets: list[str] = QV) -> int:
     from dude_dist.distributed import child_env
 
     env = {**child_env(), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-    out = subprocess.run([sys.executable, "-c", ACTIVATIONS, str(model), str(seq), ",".join(targets)], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-c", ACTIVATIONS, str(model), str(seq), ",".join(targets), device], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(f"activation measurement at {seq} tokens failed:\n{out.stderr[-3000:]}")
@@ -348,22 +360,31 @@ def activation_peak(model: Path, seq: int, targets: list[str] = QV) -> int:
 # --------------------------------------------------------------------------- init by shape
 
 
-def init_by_shape(shapes: list[tuple[int, int]], rank: int = 16) -> list[dict]:
-    """Seconds of one randomized factorisation of a random bf16 weight of each shape (1 thread)."""
+def init_by_shape(shapes: list[tuple[int, int]], rank: int = 16, device: str = "cpu") -> list[dict]:
+    """Seconds of one randomized factorisation of a random bf16 weight of each shape (1 thread
+    on CPU), and the planner's estimate from its probe on the same device."""
     import torch
 
     from dude_dist.config import DudeConfig
     from dude_dist.planner import calibrate_svd_gflops, svd_layer_seconds
-    from dude_dist.svd_init import factorize
+    from dude_dist.svd_init import factorize, measure_svd_gflops
 
     torch.set_num_threads(1)
     adapter = DudeConfig(rank=rank, svd="randomized")
-    gflops = calibrate_svd_gflops(adapter, dtype="bfloat16", threads=1)
+    if device == "cpu":
+        gflops = calibrate_svd_gflops(adapter, dtype="bfloat16", threads=1)
+    else:  # the trainer's own probe on the device (what it logs), at the planner's size
+        gflops = measure_svd_gflops(rank, "randomized", oversample=adapter.svd_oversample, niter=adapter.svd_niter,
+                                    size=4096, device=device, dtype=torch.bfloat16)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows = []
     for out_f, in_f in shapes:
-        w = (torch.randn(out_f, in_f) * 0.02).to(torch.bfloat16)
+        w = (torch.randn(out_f, in_f) * 0.02).to(device=device, dtype=torch.bfloat16)
+        factorize(w[:256], rank, method="randomized", name="w")  # kernels loaded
+        sync()
         t0 = time.perf_counter()
         factorize(w, rank, method="randomized", name="w", oversample=adapter.svd_oversample, niter=adapter.svd_niter)
+        sync()
         seconds = time.perf_counter() - t0
         rows.append({"shape": [out_f, in_f], "seconds": seconds,
                      "predicted": svd_layer_seconds(out_f, in_f, adapter, gflops), "svd_gflops": gflops})
@@ -613,6 +634,89 @@ def report(work: Path, name: str) -> None:
         records=records, notes=notes)
 
 
+def gpu_rehearsal(work: Path, name: str, archs: list[str]) -> None:
+    """One rank on one GPU: each slice trained under ZeRO-3 in bf16 with device memory per
+    phase, its activations alone, init per layer shape on the GPU, and the planner for the
+    same slice on one GPU (its SVD rate from the same device's probe)."""
+    import torch
+
+    global NPROC
+    NPROC = 1
+    shapes = sorted({s for arch in ARCHS for s in target_shapes(slice_facts(arch), ALL7).values()},
+                    key=lambda s: s[0] * s[1])
+    init_rows = init_by_shape(shapes, device="cuda")
+    gflops = init_rows[0]["svd_gflops"]
+    tables, records = {}, {"init_by_shape": init_rows}
+    for arch in archs:
+        try:
+            gpu_slice(arch, work, gflops, tables, records)
+        except Exception as exc:  # keep what the other slices measured
+            records[f"{arch}_error"] = repr(exc)[-2000:]
+            print(f"{arch}: {exc!r}"[-2000:], flush=True)
+    tables["Init seconds by layer shape on the GPU (randomized SVD, rank 16, bf16 weight)"] = (
+        ["shape", "measured s", "planner s", "measured / planner"],
+        [[f"{r['shape'][0]}x{r['shape'][1]}", r["seconds"], r["predicted"], r["seconds"] / r["predicted"]]
+         for r in init_rows])
+    full = full_model_figures(gflops=gflops)
+    records["full_models"] = full
+    tables["The real models on H200-class GPUs, init at this GPU's measured SVD rate"] = (
+        ["config", "GPUs", "GiB per GPU", "init s (max rank)", "checkpoint MB", "gathered GB per GPU per step"],
+        [[r["config"], r["gpus"], r["memory_per_gpu"] / GIB, r["init_seconds_max"], r["checkpoint_bytes"] / 1e6,
+          r["gather_bytes_per_step"] / 1e9] for r in full])
+    write_results(name, title=f"Scale rehearsal on one GPU ({torch.cuda.get_device_name()})", device="cuda",
+                  settings={"svd_gflops": gflops, "seq": 512, "targets": QV}, tables=tables, records=records,
+                  notes=[f"SVD rate of the planner's probe on this GPU: {gflops:.0f} Gflop/s (svd_cost units, "
+                         "4096x4096 bf16).",
+                         "Device memory is torch.cuda.memory_allocated / max_memory_allocated, per phase."])
+
+
+def gpu_slice(arch: str, work: Path, gflops: float, tables: dict, records: dict) -> None:
+    """One slice of :func:`gpu_rehearsal`."""
+    facts = slice_facts(arch)
+    model = build_slice(facts, work / f"{arch}-slice")
+    train = train_run(model, work / f"{arch}-train", targets=QV, seq=512, steps=TRAIN_STEPS, save=True)
+    tiny = train_run(model, work / f"{arch}-tiny", targets=QV, seq=32, data=short_data(work), steps=4,
+                     save=False, eval_size=0)
+    acts = activation_peak(model, 512, device="cuda")
+    # one rank: the planner's plan for 1 node x 1 GPU
+    from dude_dist.config_loader import load_config
+    from dude_dist.planner import plan_run
+
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", overrides(model, work / f"{arch}-train", targets=QV,
+                                                                      seq=512, steps=TRAIN_STEPS, save=True))
+    plan = plan_run(cfg, 1, 1, model_config=model / "config.json", reserve_gb=0.0, compare_deepspeed=False,
+                    svd_gflops=gflops)
+    tcfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", overrides(model, work / f"{arch}-tiny", targets=QV,
+                                                                       seq=32, steps=4, save=False))
+    tplan = plan_run(tcfg, 1, 1, model_config=model / "config.json", reserve_gb=0.0, compare_deepspeed=False,
+                     svd_gflops=gflops)
+    rec, trec = train["ranks"][0], tiny["ranks"][0]
+    steps = [p for p in rec["phases"] if p["name"].startswith("step")]
+    tsteps = [p for p in trec["phases"] if p["name"].startswith("step")]
+    acc = {**rec["accounting"], **rec["accounting"].get("after_step", {})}
+    m = plan.memory
+    rows = [
+        ("params (partition)", m.params, acc["param_partition"]),
+        ("gathered (status, most at once; extra memory only with more than one rank)", m.gathered, max(p["gathered_max"] for p in steps)),
+        ("activations (one step without ZeRO-3)", m.activations, acts),
+        ("after load (cuda allocated)", m.params + m.persistent + m.buffers, phase(rec, "load")["cuda_end"]),
+        ("while loading (cuda peak)", plan.loading_bytes, phase(rec, "load")["cuda_peak"]),
+        ("total, 32-token step (cuda peak)", tplan.memory.total, max(p["cuda_peak"] for p in tsteps)),
+        ("total (cuda peak over the steps)", m.total, max(p["cuda_peak"] for p in steps)),
+    ]
+    tables[f"{arch} slice on one GPU: planner vs measured (GiB)"] = (
+        ["item", "planner", "measured", "measured / planner"],
+        [[n, a / GIB, b / GIB, b / a if a else None] for n, a, b in rows])
+    init = train["summary"]["init"]
+    tables[f"{arch} slice on one GPU: the pipeline"] = (
+        ["load s", "init s (wall)", "SVD s", "planner SVD s", "step s (median after step 1)", "checkpoint save s",
+         "held-out loss"],
+        [[phase(rec, "load")["seconds"], init["wall_seconds"], init["svd_seconds_per_rank"][0],
+          plan.init["seconds_per_rank"][0], step_seconds(train), phase(rec, "save")["seconds"],
+          f"{train['summary']['eval_loss_start']:.3f} -> {train['summary']['eval_loss_end']:.3f}"]])
+    records[arch] = {"train": train, "tiny": tiny, "activations": acts, "plan": plan.to_dict()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
@@ -620,11 +724,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-sweeps", action="store_true", help="skip the sequence-length runs")
     p.add_argument("--work", default=None, help="folder for slices and runs (default: a temp folder)")
     p.add_argument("--name", default="scale")
+    p.add_argument("--gpu", action="store_true", help="one rank on this machine's GPU (results: --name, gpu_scale)")
     args = p.parse_args(argv)
     import tempfile
 
     work = Path(args.work or tempfile.mkdtemp(prefix="dude_scale_"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.gpu:
+        gpu_rehearsal(work, args.name if args.name != "scale" else "gpu_scale", args.archs)
+        return 0
     if args.ci:
         result = ci_check(work)
         print(json.dumps(result["table"], indent=1))

@@ -211,18 +211,21 @@ def gathered_elements(total: int, block: int, largest: int, prefetch: int,
 
 
 def step_phases(total: int, block: int, largest: int, prefetch: int, acts: dict[str, int], dtype_bytes: int,
-                max_live: int = MAX_LIVE_PARAMETERS) -> dict[str, dict[str, int]]:
+                max_live: int = MAX_LIVE_PARAMETERS, world_size: int = 2) -> dict[str, dict[str, int]]:
     """What a steady-state step holds beyond its fixed states, at its two worst moments (bytes).
 
     ``head``: the LM head runs (forward, then its backward) while the last decoder layer is
     still gathered (:func:`gathered_elements`), with the logits and the layer checkpoints.
     ``layers_backward``: a decoder layer is recomputed and back-propagated, gathered whole
     with the prefetch of the next one, with its activations and the checkpoints. In both, a
-    released module's buffer is still in flight (``in_flight``).
+    released module's buffer is still in flight (``in_flight``). With one rank the partition
+    is the whole weight and nothing is gathered into new memory (measured on an H200: the
+    70B-wide slice's peak is its weights, activations and buckets).
     """
-    head = gathered_elements(total, block, largest, prefetch, max_live)
-    layer = min(total, max(min(block, max_live), largest) + prefetch)
-    in_flight = dtype_bytes * largest
+    multi = world_size > 1
+    head = gathered_elements(total, block, largest, prefetch, max_live) if multi else 0
+    layer = min(total, max(min(block, max_live), largest) + prefetch) if multi else 0
+    in_flight = dtype_bytes * largest if multi else 0
     return {
         "head": {"gathered": dtype_bytes * head, "in_flight": in_flight,
                  "activations": acts["checkpoints"] + acts["logits"]},
@@ -354,7 +357,8 @@ def zero_model_states(total_params: int, trainable_params: int, largest: int, la
         "optimizer": ADAM_STATE_BYTES * part(trainable_params, stage >= 1),
         "optimizer_step": 0 if grad_bytes == FP32_GRAD_BYTES
         else FP32_GRAD_BYTES * min(part(trainable_params, stage >= 1), sub_group_size),
-        "gathered": dtype_bytes * (largest + largest_trainable) if stage == 3 else 0,
+        # One rank's partition is the whole weight: ZeRO-3 gathers nothing into new memory.
+        "gathered": dtype_bytes * (largest + largest_trainable) if stage == 3 and world_size > 1 else 0,
     }
 
 
@@ -401,7 +405,7 @@ HOST_PER_RANK_GIB = 3.0  # a GPU rank's own host memory: CUDA context, torch, NC
 
 def host_memory(base_params: int, largest: int, gpus_per_node: int, dtype_bytes: int, *, params_partition: int,
                 optimizer_partition: int, offload_param: bool, offload_optimizer: bool,
-                per_rank: int = int(HOST_PER_RANK_GIB * GIB)) -> dict[str, int]:
+                per_rank: int = int(HOST_PER_RANK_GIB * GIB), world_size: int = 2) -> dict[str, int]:
     """Host RAM of one node (bytes), while loading and in steady state.
 
     Loading under ``zero.Init`` with transformers: global rank 0 maps every safetensors shard
@@ -409,14 +413,14 @@ def host_memory(base_params: int, largest: int, gpus_per_node: int, dtype_bytes:
     but resident while the load runs) and copies each weight into its gathered parameter;
     the other ranks read nothing from the files. Each rank builds one module whole before
     partitioning it, and gathers one module whole to load it (``2 b L`` for the largest
-    module ``L``); on a GPU both are device memory. Offloaded parameters or optimizer
+    module ``L``; one rank gathers nothing: ``b L``); on a GPU both are device memory. Offloaded parameters or optimizer
     states live in host RAM for the whole run.
     """
     offloaded = (params_partition if offload_param else 0) + (optimizer_partition if offload_optimizer else 0)
     steady = gpus_per_node * (per_rank + offloaded)
     checkpoint = dtype_bytes * base_params
     return {"per_rank_process": per_rank, "offloaded_per_rank": offloaded, "checkpoint_mapped_by_rank0": checkpoint,
-            "module_while_loading_per_rank": 2 * dtype_bytes * largest,
+            "module_while_loading_per_rank": (2 if world_size > 1 else 1) * dtype_bytes * largest,
             "node0_while_loading": steady + checkpoint, "node_steady": steady}
 
 
@@ -599,14 +603,14 @@ def plan_run(cfg: RunConfig, nodes: int, gpus_per_node: int, *, gpu_memory_gb: f
     dude_values = sum(rank + out_f for out_f, _ in shapes.values()) // facts["num_hidden_layers"]
     acts = activation_bytes(facts, cfg.train.micro_batch_size, cfg.data.max_seq_len, b, dude_values,
                             cfg.train.gradient_checkpointing)
-    phases = step_phases(total, largest_block(model), largest, ds.stage3_prefetch_bucket_size, acts, b) \
-        if ds.zero_stage == 3 else {}
+    phases = step_phases(total, largest_block(model), largest, ds.stage3_prefetch_bucket_size, acts, b,
+                         world_size=world) if ds.zero_stage == 3 else {}
     memory = MemoryPlan(
         **states,
         persistent=b * persistent_params(model, ds.stage3_param_persistence_threshold, not all_trainable)
         if ds.zero_stage == 3 else 0,
         buffers=buffer_bytes(model),
-        in_flight=b * largest if ds.zero_stage == 3 else 0,
+        in_flight=b * largest if ds.zero_stage == 3 and world > 1 else 0,
         buckets=FP32_GRAD_BYTES * ds.reduce_bucket_size,
         activations=max(parts["activations"] for parts in phases.values()) if phases else sum(acts.values()),
         reserve=int(reserve_gb * GIB), activations_detail=acts, phases=phases)
@@ -630,7 +634,8 @@ def plan_run(cfg: RunConfig, nodes: int, gpus_per_node: int, *, gpu_memory_gb: f
 
     host = host_memory(base_params, largest, gpus_per_node, b, params_partition=memory.params,
                        optimizer_partition=memory.optimizer + memory.optimizer_step,
-                       offload_param=ds.offload_param != "none", offload_optimizer=ds.offload_optimizer != "none")
+                       offload_param=ds.offload_param != "none", offload_optimizer=ds.offload_optimizer != "none",
+                       world_size=world)
     layout = batch_layout(cfg.train, world)
     step = step_estimate(FlopModel.from_model(model, cfg.train.gradient_checkpointing),
                          layout.global_batch_size * cfg.data.max_seq_len, cfg.data.max_seq_len,

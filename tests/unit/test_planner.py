@@ -267,3 +267,19 @@ def test_host_memory_adds_offloaded_states_and_the_checkpoint_on_node_zero():
     assert both["node_steady"] == 8 * (1000 + 110)
     opt = host_memory(5_000, 7, 8, 2, offload_param=False, offload_optimizer=True, **kw)
     assert opt["offloaded_per_rank"] == 10
+
+
+def test_one_rank_gathers_nothing_into_new_memory():
+    """ZeRO-3 on one GPU: the partition is the whole weight (measured on an H200, benchmarks/scale.py --gpu)."""
+    cfg = load_config(ROOT / "configs" / "mistral7b_metamath.yaml")
+    one = plan_run(cfg, 1, 1, svd_gflops=1000.0, compare_deepspeed=False)
+    eight = plan_run(cfg, 1, 8, svd_gflops=1000.0, compare_deepspeed=False)
+    assert one.memory.gathered == one.memory.in_flight == 0
+    assert all(parts["gathered"] == parts["in_flight"] == 0 for parts in one.memory.phases.values())
+    assert eight.memory.gathered > 0 and eight.memory.in_flight > 0
+    largest = 32000 * 4096
+    assert one.host["module_while_loading_per_rank"] == 2 * largest
+    assert eight.host["module_while_loading_per_rank"] == 2 * 2 * largest
+    assert one.memory.total == (one.memory.params + one.memory.grads + one.memory.optimizer + one.memory.persistent
+                                + one.memory.buffers + one.memory.buckets + one.memory.activations
+                                + one.memory.reserve)
