@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -161,13 +163,18 @@ def run_ranks(script: str, args: list[str], log: Path, timeout: float, env_extra
     env = {**child_env(), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), **(env_extra or {})}
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        # its own process group: an interrupt or a timeout here ends the ranks too, not only the launcher
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         sampler = RssSampler(proc.pid, interval=0.1)
         try:
             rc = proc.wait(timeout=timeout)
         finally:
             if proc.poll() is None:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
             peak_sum, peak_one = sampler.stop()
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({rc}); last lines of {log}:\n"
@@ -594,13 +601,19 @@ def report(work: Path, name: str) -> None:
                                       if p["name"].startswith("step")) / GIB]
              for q, r in ((256, d["seq256"]), (512, d["train"]), (1024, d["seq1024"]))])
     full = full_model_figures(gflops=gflops)
+    gpu_file = RESULTS / "gpu_scale.json"
+    gpu_gflops = json.loads(gpu_file.read_text())["settings"]["svd_gflops"] if gpu_file.is_file() else None
+    if gpu_gflops:
+        for row, at_gpu in zip(full, full_model_figures(gflops=gpu_gflops)):
+            row["init_seconds_max_gpu"] = at_gpu["init_seconds_max"]
     records["full_models"] = full
     tables["The real models, by the calibrated planner (8 GPUs per node, 80 GB)"] = (
         ["config", "GPUs", "GiB per GPU", "gathered GiB", "activations GiB", "while loading GiB",
-         "init s (max rank, one CPU core each)",
+         "init s (max rank, one CPU core each)", "init s (max rank, at the H200's measured SVD rate)",
          "checkpoint MB", "gathered GB per GPU per step", "across nodes GB", "node 0 host RAM while loading GiB"],
         [[r["config"], r["gpus"], r["memory_per_gpu"] / GIB, r["gathered"] / GIB, r["activations"] / GIB,
-          r["loading"] / GIB, r["init_seconds_max"], r["checkpoint_bytes"] / 1e6, r["gather_bytes_per_step"] / 1e9,
+          r["loading"] / GIB, r["init_seconds_max"], r.get("init_seconds_max_gpu"), r["checkpoint_bytes"] / 1e6,
+          r["gather_bytes_per_step"] / 1e9,
           r["gather_inter_node"] / 1e9, r["host_node0_loading"] / GIB] for r in full])
     records["trace"] = trace
     made = plots(work, data, init_rows)
@@ -622,7 +635,9 @@ def report(work: Path, name: str) -> None:
         "run: from step 2 or 3 on ZeRO-3 prefetches by the module order it traced and holds more.",
         f"Planner init seconds use its own probe of this machine ({gflops:.1f} Gflop/s in svd_cost units, one "
         "thread, a 4096x4096 bf16 weight). The real-model table gives init seconds at the same rate, i.e. if "
-        "every rank factorised on one CPU core; on GPUs pass the rate the trainer logs ('init plan ... Gflop/s "
+        "every rank factorised on one CPU core, and at the rate the same probe measured on an H200 "
+        f"({gpu_gflops or 0:.0f} Gflop/s, results/gpu_scale.md; on a GPU each layer also pays a few ms of "
+        "latency that the rate leaves out). On GPUs pass the rate the trainer logs ('init plan ... Gflop/s "
         "measured there') as launch/plan.py --svd-gflops.",
         "Full-model figures: configs/qwen32b.yaml and configs/llama70b.yaml (rank 16 on q,v, max_seq_len 2048 "
         "packed, micro-batch 1, global batch max(16, GPUs), activation checkpointing, bf16), gather traffic "
@@ -729,7 +744,11 @@ def main(argv=None) -> int:
     import tempfile
 
     work = Path(args.work or tempfile.mkdtemp(prefix="dude_scale_"))
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: --work {args.work}: {exc.strerror}", file=sys.stderr)
+        return 2
     if args.gpu:
         gpu_rehearsal(work, args.name if args.name != "scale" else "gpu_scale", args.archs)
         return 0
@@ -784,4 +803,9 @@ def ci_check(work: Path, tolerance: float = 0.15) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the ranks of the run in progress were ended with it (run_ranks)
+        print("error: interrupted; finished slices are kept in --work as <arch>.json, rerun to go on",
+              file=sys.stderr)
+        sys.exit(130)

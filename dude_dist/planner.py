@@ -200,13 +200,14 @@ def gathered_elements(total: int, block: int, largest: int, prefetch: int,
     With activation checkpointing a decoder layer's weights are gathered for its recompute
     and stay gathered through its backward, and the last layer's stay gathered while the LM
     head runs (reused within ``stage3_max_reuse_distance``; what is kept for reuse is bounded
-    by ``stage3_max_live_parameters``). Besides the LM head (the largest module, or the
+    by ``stage3_max_live_parameters``; a model without a layer stack keeps its largest
+    module). Besides the LM head (the largest module, or the
     prefetch bucket if that is larger), one more module of the largest size stays gathered:
     on the Llama-2-70B-wide rehearsal (benchmarks/scale.py) the steady state after a
     held-out evaluation pass held the embedding as well, 1.38B elements, against 1.12B in
     runs without one. ``block + max(prefetch, largest) + largest``, at most the whole model.
     """
-    kept = max(min(block, max_live), largest)
+    kept = min(block, max_live) if block else largest  # the decoder layer held for reuse
     return min(total, kept + max(prefetch, largest) + largest)
 
 
@@ -224,7 +225,7 @@ def step_phases(total: int, block: int, largest: int, prefetch: int, acts: dict[
     """
     multi = world_size > 1
     head = gathered_elements(total, block, largest, prefetch, max_live) if multi else 0
-    layer = min(total, max(min(block, max_live), largest) + prefetch) if multi else 0
+    layer = min(total, (min(block, max_live) if block else largest) + prefetch) if multi else 0
     in_flight = dtype_bytes * largest if multi else 0
     return {
         "head": {"gathered": dtype_bytes * head, "in_flight": in_flight,
