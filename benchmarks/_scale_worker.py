@@ -48,27 +48,9 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 import dude_dist.checkpoint as ckpt_module  # noqa: E402
 import dude_dist.trainer as trainer_module  # noqa: E402
 from benchmarks._dude_train import _output_dir  # noqa: E402
+from benchmarks.common import reset_peak_rss, status_bytes  # noqa: E402
 from dude_dist.evaluate import TrainingEvaluator  # noqa: E402
 from launch.train import main  # noqa: E402
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def status_bytes() -> dict[str, int]:
-    """``VmRSS``, ``RssAnon``, ``RssFile`` and ``VmHWM`` of this process in bytes."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 class Recorder:
@@ -87,10 +69,10 @@ class Recorder:
 
     def _sample(self) -> None:
         while True:
-            phase = self.current
-            if phase is not None:
-                st = status_bytes()
-                with self._lock:
+            st = status_bytes()
+            with self._lock:  # the phase cannot end while a sample is recorded into it
+                phase = self.current
+                if phase is not None:
                     if st["VmRSS"] > phase["sampled_peak"]:
                         phase.update(sampled_peak=st["VmRSS"], anon_at_peak=st["RssAnon"], file_at_peak=st["RssFile"])
                     if phase["name"].startswith("step") and self.params:
@@ -118,7 +100,7 @@ class Recorder:
 
     def start(self, name: str) -> None:
         st = status_bytes()
-        reset_peak()
+        reset_peak_rss()
         cuda = _cuda_start()
         with self._lock:
             self.current = {"name": name, "t0": time.perf_counter(), "rss_start": st["VmRSS"],
@@ -130,8 +112,8 @@ class Recorder:
         st = status_bytes()
         with self._lock:
             phase, self.current = self.current, None
-        phase["seconds"] = time.perf_counter() - phase.pop("t0")
-        phase.pop("last")
+            phase["seconds"] = time.perf_counter() - phase.pop("t0")
+            phase.pop("last")
         phase.update(rss_end=st["VmRSS"], peak=max(st["VmHWM"], phase["sampled_peak"]), **_cuda_stop())
         self.phases.append(phase)
 

@@ -28,7 +28,35 @@ STORIES = SHARED / "models" / "stories260K"
 GSM8K_TRAIN = SHARED / "data" / "gsm8k" / "train.jsonl"
 
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "accelerate")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 LOAD_AT_IMPORT = os.getloadavg()  # the script's start; other processes on the machine skew timings
+
+
+def copy_tokenizer(folder: Path) -> None:
+    """Put the stories260K tokenizer into a random-weight model's folder (ids < 512 fit any vocabulary)."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (STORIES / name).is_file():
+            shutil.copy(STORIES / name, folder / name)
+
+
+def status_bytes() -> dict[str, int]:
+    """``VmRSS``, ``RssAnon``, ``RssFile`` and ``VmHWM`` (the peak) of this process in bytes."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def reset_peak_rss() -> None:
+    """Start this process's ``VmHWM`` over from its current resident memory (Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def cpu_model() -> str:

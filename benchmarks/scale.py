@@ -17,38 +17,40 @@ by the trainer's own ``from_pretrained`` under ``zero.Init``.
 (100000: every weight is partitioned), bf16, rank 16, randomized SVD, activation
 checkpointing, packed GSM8K rows of ``max_seq_len`` tokens, micro-batch 1, global batch 2):
 
-1. ``train``: q,v targets, sharded init, 3 steps at 512 tokens, a checkpoint at step 3,
-   the held-out loss before and after (4 samples). Step 1 runs under a memory trace:
-   every operator output with at least as many elements as the smallest target weight.
-2. ``resume``: the same folder to step 4, from the step-3 checkpoint.
+1. ``train``: q,v targets, sharded init, 5 steps at 512 tokens (from step 2-3 on ZeRO-3
+   prefetches by its traced module order: the steady state), a checkpoint at step 5, the
+   held-out loss before and after (4 samples). Step 1 runs under a memory trace: every
+   operator output with at least as many elements as the smallest target weight.
+2. ``resume``: the same folder to step 6, from the step-5 checkpoint.
 3. ``export``: ``launch/export.py`` of the newest checkpoint on 2 ranks (merged bf16 model).
-4. ``all7``: all seven projections as targets, init and 1 step.
-5. ``seq256`` / ``seq1024`` (llama70b only): step time against sequence length.
-6. ``tiny``: q,v with 32-token rows of short records, 1 step: the step's memory without activations, so
-   what a step adds at 512 tokens splits into the gathered weights and the activations.
+4. ``tiny``: q,v with 32-token rows of short records, 4 steps: the step's memory with
+   almost no activations.
+5. ``activations``: one training step of the slice in one process without ZeRO-3, all
+   weights already resident (32 to 1024 tokens).
+6. ``all7``: all seven projections as targets, init and 1 step.
+7. ``seq256`` / ``seq1024`` (llama70b only): step time against sequence length.
 
 Every rank runs ``benchmarks/_scale_worker.py`` (the entry point plus a record of each
 phase: seconds, resident memory, its peak from the kernel's ``VmHWM``, the most ZeRO-3
 bytes gathered at once). The planner (:func:`dude_dist.planner.plan_run`) is run for the
 same slice, world size and config; every memory item is compared with what was measured.
 Per-shape init seconds are timed in this process (one thread, as each rank has) and
-compared with the planner's per-layer estimate.
+compared with the planner's per-layer estimate. ``--gpu`` runs the slices as one rank on
+the machine's GPU, with device memory per phase (``benchmarks/gpu_scale.sh``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import GSM8K_TRAIN, RESULTS, ROOT, STORIES, torchrun_cmd, write_results  # noqa: E402
+from benchmarks.common import GSM8K_TRAIN, RESULTS, ROOT, copy_tokenizer, write_results  # noqa: E402
 
 ARCHS = {
     "llama70b": {"facts": "meta-llama--Llama-2-70b-hf.json", "vocab": None},
@@ -58,7 +60,6 @@ QV = ["q_proj", "v_proj"]
 NPROC = 2  # ranks per run; --gpu runs one rank on the one GPU
 TRAIN_STEPS = 5  # from step 3 on ZeRO-3 prefetches by the module order it traced: the steady state
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 GIB = 2**30
 # glibc serves allocations from this size up with their own mappings, returned to the system
 # when freed (by default the limit floats up to 32 MiB and freed activations stay resident):
@@ -71,8 +72,9 @@ MMAP_THRESHOLD = 4 << 20
 
 def slice_facts(arch: str, layers: int = 1, vocab: int | None = None, intermediate: int | None = None) -> dict:
     """The model's ``config.json`` facts with ``layers`` decoder layers (and optional cuts)."""
-    facts = json.loads((ROOT / "configs" / "models" / ARCHS[arch]["facts"]).read_text())
-    facts = {k: v for k, v in facts.items() if not k.startswith("_")}
+    from dude_dist.planner import DEFAULT_MODELS_DIR, load_model_facts
+
+    facts = load_model_facts(DEFAULT_MODELS_DIR / ARCHS[arch]["facts"])
     facts["num_hidden_layers"] = layers
     vocab = vocab or ARCHS[arch]["vocab"]
     if vocab:
@@ -113,9 +115,7 @@ def build_slice(facts: dict, folder: Path) -> Path:
             if "inv_freq" in name:  # the rotary table to_empty left unset
                 b.copy_(model.model.rotary_emb.original_inv_freq)
     model.save_pretrained(folder, max_shard_size="1GB")
-    for name in TOKENIZER_FILES:
-        if (STORIES / name).is_file():
-            shutil.copy(STORIES / name, folder / name)
+    copy_tokenizer(folder)
     (folder / "done").write_text("")
     return folder
 
@@ -128,6 +128,12 @@ def target_shapes(facts: dict, targets: list[str]) -> dict[str, tuple[int, int]]
     shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
               "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
     return {t: shapes[t] for t in targets}
+
+
+def every_target_shape() -> list[tuple[int, int]]:
+    """The distinct ``(out, in)`` of all seven projections of both models, smallest first."""
+    shapes = {s for arch in ARCHS for s in target_shapes(slice_facts(arch), ALL7).values()}
+    return sorted(shapes, key=lambda s: s[0] * s[1])
 
 
 # --------------------------------------------------------------------------- runs
@@ -145,41 +151,24 @@ def overrides(model: Path, out: Path, *, targets: list[str], seq: int, steps: in
               eval_size: int = 4, data: Path = GSM8K_TRAIN) -> list[str]:
     return [f"output_dir={out}", f"model.name_or_path={model}", "model.dtype=bfloat16",
             f"adapter.targets=[{','.join(targets)}]", "adapter.rank=16", "adapter.svd=randomized",
-            f"data.sources=[{data}]", f"data.eval_sources=[{GSM8K_TRAIN.with_name('test.jsonl')}]", "data.limit=128", f"data.max_seq_len={seq}", "data.packing=true",
+            f"data.sources=[{data}]", f"data.eval_sources=[{GSM8K_TRAIN.with_name('test.jsonl')}]",
+            "data.limit=128", f"data.max_seq_len={seq}", "data.packing=true",
             f"data.eval_size={eval_size}", "train.micro_batch_size=1", "train.global_batch_size=2",
             f"train.max_steps={steps}", f"train.save_every={steps if save else 0}", "train.keep_last=2",
             "train.lr=1e-4", "eval.at_end=false", "deepspeed.timeout_s=3600", "deepspeed.step_timeout_s=3600"]
 
 
 def run_ranks(script: str, args: list[str], log: Path, timeout: float, env_extra: dict | None = None) -> dict:
-    """``torchrun --nproc_per_node 2 <script> <args>``: wall seconds and peak RSS per rank."""
-    import subprocess
+    """``<script> <args>`` on ``NPROC`` ranks (torchrun; one rank: a plain process), one thread
+    each, glibc mapping large allocations on their own: wall seconds and peak RSS per rank."""
+    from benchmarks.common import proc_env, torchrun_cmd
+    from benchmarks.train import launch
 
-    from benchmarks.train import RssSampler
-    from dude_dist.distributed import child_env
-
-    launcher = torchrun_cmd(NPROC) if NPROC > 1 else [sys.executable]  # one rank: a plain process
+    launcher = torchrun_cmd(NPROC) if NPROC > 1 else [sys.executable]
     cmd = launcher + [str(ROOT / script), *args]
-    env = {**child_env(), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), **(env_extra or {})}
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        # its own process group: an interrupt or a timeout here ends the ranks too, not only the launcher
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        sampler = RssSampler(proc.pid, interval=0.1)
-        try:
-            rc = proc.wait(timeout=timeout)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-            peak_sum, peak_one = sampler.stop()
-    if rc != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({rc}); last lines of {log}:\n"
-                           + "\n".join(log.read_text().splitlines()[-30:]))
-    return {"wall_seconds": time.perf_counter() - t0, "peak_rss_sum": peak_sum, "peak_rss_rank": peak_one}
+    env = proc_env(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), **(env_extra or {}))
+    wall, peak_sum, peak_one = launch(cmd, log, timeout, env)
+    return {"wall_seconds": wall, "peak_rss_sum": peak_sum, "peak_rss_rank": peak_one}
 
 
 def train_run(model: Path, out: Path, *, targets: list[str], seq: int, steps: int, save: bool, resume: str = "none",
@@ -206,7 +195,7 @@ def export_run(model: Path, out: Path, dest: Path, *, targets: list[str], seq: i
         args += ["--set", item]
     print(f"  export {out.name} -> {dest}", flush=True)
     outer = run_ranks("launch/export.py", args, out.parent / f"{out.name}_export.log", 3600)
-    outer["bytes"] = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    outer["bytes"] = dir_bytes(dest)
     return outer
 
 
@@ -221,13 +210,15 @@ def dir_bytes(folder: Path) -> int:
 # --------------------------------------------------------------------------- the planner's view
 
 
-def plan_for(model: Path, out: Path, *, targets: list[str], seq: int, svd_gflops: float | None = None):
+def plan_for(model: Path, out: Path, *, targets: list[str], seq: int, svd_gflops: float | None = None,
+             gpus: int = 2):
+    """The planner for a run of this script: the same slice, config and ranks (one node)."""
     from dude_dist.config_loader import load_config
     from dude_dist.planner import plan_run
 
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml",
-                      overrides(model, out, targets=targets, seq=seq, steps=3, save=True))
-    return plan_run(cfg, 1, 2, model_config=model / "config.json", reserve_gb=0.0, compare_deepspeed=False,
+                      overrides(model, out, targets=targets, seq=seq, steps=TRAIN_STEPS, save=True))
+    return plan_run(cfg, 1, gpus, model_config=model / "config.json", reserve_gb=0.0, compare_deepspeed=False,
                     svd_gflops=svd_gflops)
 
 
@@ -245,8 +236,8 @@ def measured_items(run: dict, tiny: dict | None, activations: int | None = None)
     """Per rank, the measured counterpart of each planner memory item (bytes).
 
     The step's peak is the largest over all steps (from step 2 on ZeRO-3 prefetches by the
-    traced module order and holds more); ``activations`` is what the run's step peak beyond
-    its gathered weights adds over the same for the 32-token run (same slice, same steps).
+    traced module order and holds more); ``tiny`` is the 32-token run of the same slice, and
+    ``activations`` the bytes of one step measured alone (:func:`activation_peak`).
     """
     rows = []
     tiny_peaks = step_peaks(tiny) if tiny is not None else None
@@ -273,7 +264,6 @@ def measured_items(run: dict, tiny: dict | None, activations: int | None = None)
             t = tiny_peaks[k]
             row["tiny_total"] = t["peak"] - t["base"]
             row["tiny_beyond_gathered"] = t["peak"] - t["engine"] - t["gathered"]
-            row["activations"] = (pk["peak"] - pk["engine"] - pk["gathered"]) - row["tiny_beyond_gathered"]
         if activations is not None:
             row["activations_alone"] = activations
         rows.append(row)
@@ -292,7 +282,7 @@ def compare(plan, items: list[dict], tiny_plan=None) -> list[list]:
         ("optimizer + grads + step copy", m.optimizer + m.grads + m.optimizer_step, worst["optimizer_tensors"]),
         ("gathered", m.gathered, worst["gathered"]),
     ]
-    if "activations" in worst and tiny_plan is not None:
+    if "tiny_total" in worst and tiny_plan is not None:
         t = tiny_plan.memory
         pairs += [("in flight + buckets + activations, 32-token step beyond gathered",
                    t.in_flight + t.buckets + t.activations, worst["tiny_beyond_gathered"]),
@@ -312,16 +302,13 @@ def compare(plan, items: list[dict], tiny_plan=None) -> list[list]:
 
 ACTIVATIONS = r"""
 import json, sys
-from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from transformers import AutoModelForCausalLM
 from dude_dist.config import DudeConfig
 from dude_dist.sharded_init import inject_and_init
 
-def rss():
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return {k: int(fields[k].split()[0]) << 10 for k in ("VmRSS", "VmHWM")}
+from benchmarks.common import reset_peak_rss, status_bytes
 
 device = sys.argv[4]
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).to(device)
@@ -336,14 +323,14 @@ for _ in range(2):  # the second step, with every lazily built buffer in place
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
     else:
-        start = rss()["VmRSS"]
-        Path("/proc/self/clear_refs").write_text("5")
+        start = status_bytes()["VmRSS"]
+        reset_peak_rss()
     model(input_ids=ids, labels=ids).loss.backward()
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - start
     else:
-        peak = rss()["VmHWM"] - start
+        peak = status_bytes()["VmHWM"] - start
     model.zero_grad(set_to_none=True)
 print(json.dumps({"seq": int(sys.argv[2]), "peak": peak}))
 """
@@ -356,9 +343,9 @@ def activation_peak(model: Path, seq: int, targets: list[str] = QV, device: str 
 
     from dude_dist.distributed import child_env
 
-    env = {**child_env(), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-    out = subprocess.run([sys.executable, "-c", ACTIVATIONS, str(model), str(seq), ",".join(targets), device], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=900)
+    env = child_env(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
+    out = subprocess.run([sys.executable, "-c", ACTIVATIONS, str(model), str(seq), ",".join(targets), device],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(f"activation measurement at {seq} tokens failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
@@ -374,15 +361,11 @@ def init_by_shape(shapes: list[tuple[int, int]], rank: int = 16, device: str = "
 
     from dude_dist.config import DudeConfig
     from dude_dist.planner import calibrate_svd_gflops, svd_layer_seconds
-    from dude_dist.svd_init import factorize, measure_svd_gflops
+    from dude_dist.svd_init import factorize
 
     torch.set_num_threads(1)
     adapter = DudeConfig(rank=rank, svd="randomized")
-    if device == "cpu":
-        gflops = calibrate_svd_gflops(adapter, dtype="bfloat16", threads=1)
-    else:  # the trainer's own probe on the device (what it logs), at the planner's size
-        gflops = measure_svd_gflops(rank, "randomized", oversample=adapter.svd_oversample, niter=adapter.svd_niter,
-                                    size=4096, device=device, dtype=torch.bfloat16)
+    gflops = calibrate_svd_gflops(adapter, dtype="bfloat16", threads=1, device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows = []
     for out_f, in_f in shapes:
@@ -410,7 +393,6 @@ def rehearse(arch: str, work: Path, *, sweeps: bool) -> dict:
     trace_min = min(o * i for o, i in shapes.values())
     res: dict = {"arch": arch, "facts": facts, "slice_bytes": dir_bytes(model)}
     out = work / f"{arch}-train"
-    shutil.rmtree(out, ignore_errors=True)
     res["train"] = train_run(model, out, targets=QV, seq=512, steps=TRAIN_STEPS, save=True, trace_min=trace_min)
     ckpt = sorted((out / "checkpoints").glob("step_*"))[-1]
     res["checkpoint_bytes"] = dir_bytes(ckpt)
@@ -428,16 +410,12 @@ def rehearse(arch: str, work: Path, *, sweeps: bool) -> dict:
     return res
 
 
-def _median(values: list[float]) -> float | None:
+def step_seconds(run: dict, skip: int = 1) -> float:
+    """Median step time after the first ``skip`` steps (the first pays for warm-up and the trace)."""
     import statistics
 
-    return statistics.median(values) if values else None
-
-
-def step_seconds(run: dict, skip: int = 1) -> float | None:
-    """Median step time after the first ``skip`` steps (the first pays for warm-up and the trace)."""
     times = [m["train/step_time_s"] for m in run["steps"]]
-    return _median(times[skip:] or times)
+    return statistics.median(times[skip:] or times)
 
 
 def trace_summary(run: dict, shapes: dict[str, tuple[int, int]]) -> dict:
@@ -501,11 +479,8 @@ def plots(work: Path, data: dict, init_rows: list[dict]) -> list[str]:
     for arch, d in data.items():
         for key, label in (("train", "q,v"), ("all7", "all seven")):
             init = d[key]["summary"]["init"]
-            planned = [p for p in d.get(f"plan_{key}", {}).get("seconds_per_rank", [])]
-            for r, (n, sec) in enumerate(zip(init["layers_per_rank"], init["svd_seconds_per_rank"])):
-                x = planned[r] if planned else None
-                if x is None:
-                    continue
+            planned = d[f"plan_{key}"]["seconds_per_rank"]  # set by report()
+            for r, (n, sec, x) in enumerate(zip(init["layers_per_rank"], init["svd_seconds_per_rank"], planned)):
                 axes[1].plot(x, sec, "o" if arch == "llama70b" else "s", color="C0" if key == "train" else "C1")
                 axes[1].annotate(f"{arch} {label} r{r}: {n} layer{'s' if n > 1 else ''}", (x, sec), fontsize=6)
                 top = max(top, x, sec)
@@ -657,9 +632,7 @@ def gpu_rehearsal(work: Path, name: str, archs: list[str]) -> None:
 
     global NPROC
     NPROC = 1
-    shapes = sorted({s for arch in ARCHS for s in target_shapes(slice_facts(arch), ALL7).values()},
-                    key=lambda s: s[0] * s[1])
-    init_rows = init_by_shape(shapes, device="cuda")
+    init_rows = init_by_shape(every_target_shape(), device="cuda")
     gflops = init_rows[0]["svd_gflops"]
     tables, records = {}, {"init_by_shape": init_rows}
     for arch in archs:
@@ -672,17 +645,13 @@ def gpu_rehearsal(work: Path, name: str, archs: list[str]) -> None:
         ["shape", "measured s", "planner s", "measured / planner"],
         [[f"{r['shape'][0]}x{r['shape'][1]}", r["seconds"], r["predicted"], r["seconds"] / r["predicted"]]
          for r in init_rows])
-    full = full_model_figures(gflops=gflops)
-    records["full_models"] = full
-    tables["The real models on H200-class GPUs, init at this GPU's measured SVD rate"] = (
-        ["config", "GPUs", "GiB per GPU", "init s (max rank)", "checkpoint MB", "gathered GB per GPU per step"],
-        [[r["config"], r["gpus"], r["memory_per_gpu"] / GIB, r["init_seconds_max"], r["checkpoint_bytes"] / 1e6,
-          r["gather_bytes_per_step"] / 1e9] for r in full])
     write_results(name, title=f"Scale rehearsal on one GPU ({torch.cuda.get_device_name()})", device="cuda",
                   settings={"svd_gflops": gflops, "seq": 512, "targets": QV}, tables=tables, records=records,
                   notes=[f"SVD rate of the planner's probe on this GPU: {gflops:.0f} Gflop/s (svd_cost units, "
                          "4096x4096 bf16).",
-                         "Device memory is torch.cuda.memory_allocated / max_memory_allocated, per phase."])
+                         "Device memory is torch.cuda.memory_allocated / max_memory_allocated, per phase.",
+                         "The real models' figures at this GPU's SVD rate are in results/scale.md (computed by the "
+                         "planner; no GPU needed)."])
 
 
 def gpu_slice(arch: str, work: Path, gflops: float, tables: dict, records: dict) -> None:
@@ -693,18 +662,8 @@ def gpu_slice(arch: str, work: Path, gflops: float, tables: dict, records: dict)
     tiny = train_run(model, work / f"{arch}-tiny", targets=QV, seq=32, data=short_data(work), steps=4,
                      save=False, eval_size=0)
     acts = activation_peak(model, 512, device="cuda")
-    # one rank: the planner's plan for 1 node x 1 GPU
-    from dude_dist.config_loader import load_config
-    from dude_dist.planner import plan_run
-
-    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", overrides(model, work / f"{arch}-train", targets=QV,
-                                                                      seq=512, steps=TRAIN_STEPS, save=True))
-    plan = plan_run(cfg, 1, 1, model_config=model / "config.json", reserve_gb=0.0, compare_deepspeed=False,
-                    svd_gflops=gflops)
-    tcfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", overrides(model, work / f"{arch}-tiny", targets=QV,
-                                                                       seq=32, steps=4, save=False))
-    tplan = plan_run(tcfg, 1, 1, model_config=model / "config.json", reserve_gb=0.0, compare_deepspeed=False,
-                     svd_gflops=gflops)
+    plan = plan_for(model, work / f"{arch}-train", targets=QV, seq=512, svd_gflops=gflops, gpus=1)
+    tplan = plan_for(model, work / f"{arch}-tiny", targets=QV, seq=32, svd_gflops=gflops, gpus=1)
     rec, trec = train["ranks"][0], tiny["ranks"][0]
     steps = [p for p in rec["phases"] if p["name"].startswith("step")]
     tsteps = [p for p in trec["phases"] if p["name"].startswith("step")]
@@ -712,7 +671,8 @@ def gpu_slice(arch: str, work: Path, gflops: float, tables: dict, records: dict)
     m = plan.memory
     rows = [
         ("params (partition)", m.params, acc["param_partition"]),
-        ("gathered (status, most at once; extra memory only with more than one rank)", m.gathered, max(p["gathered_max"] for p in steps)),
+        ("gathered (status, most at once; extra memory only with more than one rank)", m.gathered,
+         max(p["gathered_max"] for p in steps)),
         ("activations (one step without ZeRO-3)", m.activations, acts),
         ("after load (cuda allocated)", m.params + m.persistent + m.buffers, phase(rec, "load")["cuda_end"]),
         ("while loading (cuda peak)", plan.loading_bytes, phase(rec, "load")["cuda_peak"]),
@@ -763,9 +723,7 @@ def main(argv=None) -> int:
             raw.write_text(json.dumps(rehearse(arch, work, sweeps=not args.no_sweeps and arch == "llama70b")))
     shapes_file = work / "init_shapes.json"
     if not shapes_file.is_file():
-        shapes = sorted({s for arch in ARCHS for s in target_shapes(slice_facts(arch), ALL7).values()},
-                        key=lambda s: s[0] * s[1])
-        shapes_file.write_text(json.dumps(init_by_shape(shapes)))
+        shapes_file.write_text(json.dumps(init_by_shape(every_target_shape())))
     report(work, args.name)
     return 0
 
@@ -788,7 +746,6 @@ def ci_check(work: Path, tolerance: float = 0.15) -> dict:
     facts = slice_facts("llama70b", intermediate=2048, vocab=512)
     model = build_slice(facts, work / "ci-slice")
     out = work / "ci-train"
-    shutil.rmtree(out, ignore_errors=True)
     trace_min = min(o * i for o, i in target_shapes(facts, QV).values())
     run = train_run(model, out, targets=QV, seq=128, steps=4, save=True, eval_size=0, timeout=600,
                     trace_min=trace_min)

@@ -43,7 +43,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -54,12 +56,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import GSM8K_TRAIN, ROOT, STORIES, mib, proc_env, torchrun_cmd, wait_for_quiet, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    GSM8K_TRAIN,
+    ROOT,
+    STORIES,
+    copy_tokenizer,
+    mib,
+    proc_env,
+    torchrun_cmd,
+    wait_for_quiet,
+    write_results,
+)
 
 SYSTEMS = ("dude_dist", "peft_dora_pissa", "peft_lora")
 SIZES = ("stories260K", "llama-h512-l4", "qwen0.5b-v32k")
 RANK = 4
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def build_llama_h512(folder: Path) -> Path:
@@ -74,9 +85,7 @@ def build_llama_h512(folder: Path) -> Path:
                       bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        if (STORIES / name).is_file():
-            shutil.copy(STORIES / name, folder / name)
+    copy_tokenizer(folder)
     return folder
 
 
@@ -94,9 +103,7 @@ def build_qwen_shape(folder: Path, *, layers: int = 24, vocab: int = 32768, hidd
                       max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        if (STORIES / name).is_file():
-            shutil.copy(STORIES / name, folder / name)
+    copy_tokenizer(folder)
     return folder
 
 
@@ -144,17 +151,26 @@ class RssSampler:
         return self.peak_sum, max(self.peak_each.values(), default=0)
 
 
-def launch(cmd: list[str], log: Path, timeout: float) -> tuple[float, int, int]:
-    """Run a torchrun command; return (wall seconds, peak RSS sum, peak RSS of one rank)."""
+def launch(cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None) -> tuple[float, int, int]:
+    """Run a torchrun command; return (wall seconds, peak RSS sum, peak RSS of one rank).
+
+    The command runs in its own process group: an interrupt or a timeout here ends the
+    ranks too, not only the launcher.
+    """
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=proc_env(), stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env or proc_env(), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         sampler = RssSampler(proc.pid)
         try:
             rc = proc.wait(timeout=timeout)
         finally:
             if proc.poll() is None:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
             peak_sum, peak_one = sampler.stop()
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({rc}); last lines of {log}:\n"

@@ -42,8 +42,8 @@ class DudeLinear(nn.Module):
 
     ``fused=True`` (the default) runs the same arithmetic as one autograd function
     (:class:`_ScaledLinear`) that saves the same tensors but builds ``z`` in place, adds
-    the bias in the scaling pass and reuses ``z``'s memory in backward: two to three fewer
-    ``[tokens, out]`` allocations and elementwise passes per step. ``fused=False`` is the
+    the bias in the scaling pass and forms ``g * z`` a block of tokens at a time in
+    backward: two to three fewer ``[tokens, out]`` allocations and elementwise passes per step. ``fused=False`` is the
     plain autograd reference; under ``torch.autocast`` or with mixed dtypes the layer
     always takes it. Either way the scale ``m / n`` and its graph through the row norm
     stay ordinary autograd.

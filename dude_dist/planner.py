@@ -201,8 +201,8 @@ def gathered_elements(total: int, block: int, largest: int, prefetch: int,
     and stay gathered through its backward, and the last layer's stay gathered while the LM
     head runs (reused within ``stage3_max_reuse_distance``; what is kept for reuse is bounded
     by ``stage3_max_live_parameters``; a model without a layer stack keeps its largest
-    module). Besides the LM head (the largest module, or the
-    prefetch bucket if that is larger), one more module of the largest size stays gathered:
+    module). Besides the LM head (the largest module, or the prefetch bucket if that is
+    larger), one more module of the largest size stays gathered:
     on the Llama-2-70B-wide rehearsal (benchmarks/scale.py) the steady state after a
     held-out evaluation pass held the embedding as well, 1.38B elements, against 1.12B in
     runs without one. ``block + max(prefetch, largest) + largest``, at most the whole model.
@@ -378,9 +378,10 @@ def deepspeed_estimate(total_params: int, largest_layer_params: int, num_gpus_pe
 
 
 def calibrate_svd_gflops(adapter: DudeConfig, size: int = 4096, dtype: str = "float32",
-                         threads: int | None = None) -> float:
-    """This machine's CPU throughput in ``svd_cost`` units (:func:`dude_dist.svd_init.measure_svd_gflops`),
-    for a ``size x size`` weight of ``dtype`` on ``threads`` torch threads (None: as set now).
+                         threads: int | None = None, device: str = "cpu") -> float:
+    """This machine's throughput in ``svd_cost`` units (:func:`dude_dist.svd_init.measure_svd_gflops`),
+    for a ``size x size`` weight of ``dtype`` on ``device`` (the CPU by default, with
+    ``threads`` torch threads; None: as set now).
 
     The range finder multiplies the weight by ``rank + oversample`` columns, few enough that
     it streams the weight from memory: a weight that fits in cache factorises ~25% faster per
@@ -396,7 +397,7 @@ def calibrate_svd_gflops(adapter: DudeConfig, size: int = 4096, dtype: str = "fl
         torch.set_num_threads(threads)
     try:
         return measure_svd_gflops(adapter.rank, adapter.svd, oversample=adapter.svd_oversample,
-                                  niter=adapter.svd_niter, size=size, dtype=getattr(torch, dtype))
+                                  niter=adapter.svd_niter, size=size, dtype=getattr(torch, dtype), device=device)
     finally:
         torch.set_num_threads(before)
 
