@@ -6,7 +6,7 @@
 #
 # .wheels/  wheels for Python 3.12 / x86-64 of the packages a CUDA image with torch,
 #           transformers and peft lacks (deepspeed and its pure-Python deps, datasets, dill,
-#           multiprocess, pydantic), plus transformers and peft at this environment's
+#           multiprocess, pydantic, and py-spy for benchmarks/step_profile.py), plus transformers and peft at this environment's
 #           versions, so the GPU run exercises the versions CI tests. Every version is
 #           read from this project's environment (.venv, or the python on PATH), never
 #           resolved anew. deepspeed is built here without compiled ops (a py3-none-any
@@ -39,7 +39,7 @@ done
 # Packages missing from the GPU image (deepspeed's and datasets' requirements that it
 # lacks) and the ones pinned to this environment's version.
 PACKAGES=(hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions
-          datasets dill multiprocess transformers peft)
+          datasets dill multiprocess transformers peft py-spy)
 [ "$WITH_PYARROW" = 1 ] && PACKAGES+=(pyarrow)
 
 version_of() {

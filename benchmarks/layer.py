@@ -4,7 +4,9 @@
     OMP_NUM_THREADS=1 python benchmarks/layer.py --threads 1 --clock cpu    # a shared CPU (~3 min)
     python benchmarks/layer.py --device cuda --dtype bfloat16 --repeats 50   # on a GPU
 
-For each shape ``[out, in]`` (4096x4096, and a GQA ``v_proj`` 1024x4096) and ``--tokens``
+For each shape ``[out, in]`` (4096x4096, and a GQA ``v_proj`` 1024x4096; ``--shapes
+"host-bound 64x64" --tokens 32 --rank 4`` times the per-layer overhead of dispatching the
+ops and running autograd, which is what a small layer costs on a GPU) and ``--tokens``
 tokens at rank ``--rank``, every implementation runs the same step: ``y = layer(x)`` with
 ``x`` requiring grad (an interior layer), then ``y.backward(g)``. Measured:
 
@@ -48,10 +50,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import mib, time_once, wait_for_quiet, write_results  # noqa: E402
+from benchmarks.common import fmt, mib, time_once, wait_for_quiet, write_results  # noqa: E402
 from dude_dist.dude import DudeLinear  # noqa: E402
 
-SHAPES = {"4096x4096": (4096, 4096), "v_proj 1024x4096": (1024, 4096)}
+SHAPES = {"4096x4096": (4096, 4096), "v_proj 1024x4096": (1024, 4096),
+          "host-bound 64x64": (64, 64)}  # per-layer overhead: run it with --tokens 32 --rank 4
+DEFAULT_SHAPES = ("4096x4096", "v_proj 1024x4096")
 IMPLS = ("lora", "peft_lora", "peft_dora", "dude_exact", "dude_detach", "dude_exact_eager", "dude_detach_eager",
          "dude_recompute")
 
@@ -207,7 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or 2)")
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), choices=list(SHAPES))
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                    help="wall: elapsed time; cpu: process CPU time (steadier on a shared machine, with --threads 1)")
@@ -238,7 +242,7 @@ def main(argv=None) -> int:
     rows = []
     for r in records:
         ref, dora = by[(r["shape"], "lora")], by.get((r["shape"], "peft_dora"))
-        row = [r["shape"], r["impl"], r["median_s"] * 1e3, f"{r['min_s'] * 1e3:.0f}–{r['max_s'] * 1e3:.0f}",
+        row = [r["shape"], r["impl"], r["median_s"] * 1e3, f"{fmt(r['min_s'] * 1e3)}–{fmt(r['max_s'] * 1e3)}",
                r["median_s"] / ref["median_s"], r["median_s"] / dora["median_s"] if dora else None,
                mib(r["saved_bytes"]), mib(r["saved_bytes_beyond_x"]), r["saved_bytes"] / ref["saved_bytes"]]
         if args.device.startswith("cuda"):

@@ -216,9 +216,15 @@ class TrainConfig:
         deepspeed_checkpoint: also write DeepSpeed's own checkpoint files (pickled, bound to
             the world size that wrote them) beside the portable state; off by default.
         log_dynamics: log ``dude/magnitude_drift``, ``dude/direction_change`` and
-            ``dude/update_norm`` at every logged step (:mod:`dude_dist.dynamics`).
-        histogram_every: steps between per-layer-type histograms of the dynamics
-            (0 = every 10th logged step).
+            ``dude/update_norm`` (:mod:`dude_dist.dynamics`) at step 1, every
+            ``dynamics_every`` steps and the last step.
+        dynamics_every: steps between the ``dude/*`` measurements (0 = every 10th logged
+            step). Each one costs every DuDe layer two ``[out, r]`` products with its frozen
+            weight and a few dozen small kernels in that step's first forward; on a GPU a
+            small kernel costs its launch, and a 70B model with all seven projections
+            adapted has 560 DuDe layers, so every step would be too often.
+        histogram_every: steps between per-layer-type histograms of the dynamics, taken at
+            steps that measure them (0 = every 10th logged step).
     """
 
     micro_batch_size: int = 1
@@ -241,14 +247,22 @@ class TrainConfig:
     peak_tflops: float = 0.0
     deepspeed_checkpoint: bool = False
     log_dynamics: bool = True
+    dynamics_every: int = 0
     histogram_every: int = 0
+
+    def measures_dynamics(self, step: int, total_steps: int) -> bool:
+        """Whether optimizer step ``step`` (1-based) of ``total_steps`` logs the ``dude/*``
+        dynamics: step 1, every ``dynamics_every`` steps (0: every 10th logged step) and
+        the last one."""
+        every = self.dynamics_every or 10 * self.log_every
+        return step == 1 or step % every == 0 or step == total_steps
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
         for key in ("micro_batch_size", "grad_accum", "log_every", "keep_last", "max_nonfinite_steps"):
             _check(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
         for key in ("global_batch_size", "max_steps", "save_every", "eval_every", "max_grad_norm", "weight_decay",
-                    "peak_tflops", "histogram_every"):
+                    "peak_tflops", "histogram_every", "dynamics_every"):
             _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")

@@ -41,12 +41,13 @@ class DudeLinear(nn.Module):
     ``[tokens, in] x [in, out]`` matmul for ``tokens * out`` fewer saved numbers.
 
     ``fused=True`` (the default) runs the same arithmetic as one autograd function
-    (:class:`_ScaledLinear`) that saves the same tensors but builds ``z`` in place, adds
-    the bias in the scaling pass and forms ``g * z`` a block of tokens at a time in
-    backward: two to three fewer ``[tokens, out]`` allocations and elementwise passes per step. ``fused=False`` is the
-    plain autograd reference; under ``torch.autocast`` or with mixed dtypes the layer
-    always takes it. Either way the scale ``m / n`` and its graph through the row norm
-    stay ordinary autograd.
+    (:class:`_ScaledLinear`): the row norm and the scale ``m / n`` with a closed-form
+    backward (no graph of a dozen small ops for the norm), ``z`` built in place, the bias
+    added in the scaling pass and ``g * z`` formed a block of tokens at a time in backward:
+    two to three fewer ``[tokens, out]`` allocations and elementwise passes per step, and
+    about a quarter fewer ops dispatched, which is what a small layer costs on a GPU.
+    ``fused=False`` is the plain autograd reference; under ``torch.autocast``, with mixed
+    dtypes or with ``recompute`` the layer always takes it.
 
     Args:
         in_features: input size.
@@ -162,17 +163,26 @@ class DudeLinear(nn.Module):
             )
             return sq.clamp_min(self.eps).sqrt()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scale(self) -> torch.Tensor:
+        """``m / ||W_f + B A||_row`` (``[out]``, in at least float32) as plain autograd ops
+        (the path of ``fused=False``; the fused function computes the same inside); with
+        ``norm_grad="detach"`` no gradient passes through the norm."""
         norm = self.row_norm()
         if self.norm_grad == "detach":
             norm = norm.detach()
-        scale = (self.magnitude.to(norm.dtype) / norm).to(x.dtype)  # [out]
+        return self.magnitude.to(norm.dtype) / norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and not self.recompute and self._can_fuse(x):
+            if not torch.is_grad_enabled():
+                scale = _norm_scale(self.weight, self.weight_sq_norm, self.lora_a, self.lora_b, self.magnitude,
+                                    self.eps)[0].to(x.dtype)
+                return _scaled_linear(x, self.weight, self.lora_a, self.lora_b, scale, self.bias, keep_z=False)[0]
+            return _ScaledLinear.apply(x, self.weight, self.weight_sq_norm, self.lora_a, self.lora_b, self.magnitude,
+                                       self.bias, self.eps, self.norm_grad == "detach")
+        scale = self.scale().to(x.dtype)  # [out]
         if self.recompute and torch.is_grad_enabled():
             out = _ScaledLowRankLinear.apply(x, self.weight, self.lora_a, self.lora_b, scale)
-        elif self.fused and self._can_fuse(x):
-            if not torch.is_grad_enabled():
-                return _scaled_linear(x, self.weight, self.lora_a, self.lora_b, scale, self.bias, keep_z=False)[0]
-            return _ScaledLinear.apply(x, self.weight, self.lora_a, self.lora_b, scale, self.bias)
         else:
             out = F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_a), self.lora_b)
             out = out * scale
@@ -226,7 +236,10 @@ def _scaled_linear(x, weight, lora_a, lora_b, scale, bias, *, keep_z: bool):
 
 
 class _ScaledLinear(torch.autograd.Function):
-    """``y = (x W_f^T + (x A^T) B^T) * scale + bias``, saving ``x``, ``x A^T`` and ``z``.
+    """The whole fused DuDe layer as one autograd node::
+
+        scale = m / n,   n = ||W_f + B A||_row   (:func:`_norm_scale`, at least float32)
+        y     = (x W_f^T + (x A^T) B^T) * scale + bias
 
     Forward builds ``z = x W_f^T`` and adds ``(x A^T) B^T`` into it in place, then writes
     ``y = bias + z * scale`` in one pass; ``z`` is saved only when ``scale`` needs a
@@ -235,42 +248,93 @@ class _ScaledLinear(torch.autograd.Function):
         gz      = g * scale,   d scale = sum over tokens of g * z   (one pass, see _scale_grads)
         d x     = gz W_f, then += (gz B) A     (in place)
         d A     = (gz B)^T x,   d B = gz^T (x A^T),   d bias = sum over tokens of g
+        d m     = d scale / n,  and A, B get the norm's share (:func:`_norm_scale_grads`;
+                  not with ``detach``, DoRA's §4.3 mode)
 
-    Only ``[tokens, *]``, ``[out, r]``/``[r, in]`` and ``[out]`` tensors are formed; the
-    only ``[out, in]`` tensor touched is the parameter ``W_f``, which gets no gradient.
-    Saved tensors are never modified, so ``retain_graph`` and ``gradcheck`` work; double
-    backward is not supported.
+    One node where plain autograd makes a dozen for the norm: on a GPU each small op
+    costs its launch. Only ``[tokens, *]``, ``[out, r]``/``[r, in]``/``[r, r]`` and ``[out]``
+    tensors are formed; the only ``[out, in]`` tensor touched is the parameter ``W_f``,
+    which gets no gradient. Saved tensors are never modified, so ``retain_graph`` and
+    ``gradcheck`` work; double backward is not supported.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, scale, bias):
-        keep_z = ctx.needs_input_grad[4]
+    def forward(ctx, x, weight, weight_sq_norm, lora_a, lora_b, magnitude, bias, eps: float, detach: bool):
+        needs = ctx.needs_input_grad
+        scale32, norm, wf_at, a_at, unclamped = _norm_scale(weight, weight_sq_norm, lora_a, lora_b, magnitude, eps)
+        scale = scale32.to(x.dtype)
+        keep_z = needs[5] or (not detach and (needs[3] or needs[4]))
         out, xa, z = _scaled_linear(x, weight, lora_a, lora_b, scale, bias, keep_z=keep_z)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, scale, xa, z if keep_z else None)
+        ctx.detach, ctx.keep_z, ctx.m_dtype = detach, keep_z, magnitude.dtype
+        ctx.save_for_backward(x, weight, lora_a, lora_b, scale, xa, z if keep_z else None, norm, scale32, wf_at,
+                              a_at, unclamped)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b, scale, xa, z = ctx.saved_tensors
+        x, weight, lora_a, lora_b, scale, xa, z, norm, scale32, wf_at, a_at, unclamped = ctx.saved_tensors
         needs = ctx.needs_input_grad
         g2 = grad.reshape(-1, grad.shape[-1])  # [tokens, out]
-        grad_x = grad_a = grad_b = grad_scale = grad_bias = None
-        if needs[5]:
+        grad_x = grad_a = grad_b = grad_m = grad_bias = grad_scale = None
+        if needs[6]:
             grad_bias = g2.sum(0)
-        if needs[4]:
+        if ctx.keep_z:
             gz, grad_scale = _scale_grads(g2, z.view(-1, z.shape[-1]), scale)
-        elif needs[0] or needs[2] or needs[3]:
+            grad_scale = grad_scale.to(scale32.dtype)
+        elif needs[0] or needs[3] or needs[4]:
             gz = g2 * scale
-        if needs[0] or needs[2]:
+        if needs[0] or needs[3]:
             gzb = gz @ lora_b  # [tokens, r]
             if needs[0]:
                 grad_x = torch.mm(gz, weight).addmm_(gzb, lora_a).view(x.shape)
-            if needs[2]:
+            if needs[3]:
                 grad_a = gzb.T @ x.reshape(-1, x.shape[-1])
-        if needs[3]:
+        if needs[4]:
             grad_b = gz.T @ xa.reshape(-1, xa.shape[-1])
-        return grad_x, None, grad_a, grad_b, grad_scale, grad_bias
+        if needs[5]:
+            grad_m = (grad_scale / norm).to(ctx.m_dtype)
+        if not ctx.detach and (needs[3] or needs[4]):
+            norm_a, norm_b = _norm_scale_grads(grad_scale, weight, lora_a, lora_b, norm, scale32, wf_at, a_at,
+                                               unclamped, (needs[3], needs[4]))
+            if norm_a is not None:
+                grad_a = grad_a + norm_a.to(grad_a.dtype)
+            if norm_b is not None:
+                grad_b = grad_b + norm_b.to(grad_b.dtype)
+        return grad_x, None, None, grad_a, grad_b, grad_m, grad_bias, None, None
+
+
+def _norm_scale(weight, weight_sq_norm, lora_a, lora_b, magnitude, eps: float):
+    """``(scale, norm, W_f A^T, A A^T, unclamped)`` with ``scale = m / n`` and
+    ``n^2 = max(eps, ||W_f[i]||^2 + B[i] . (2 W_f A^T + B A A^T)[i])`` per row, in at least
+    float32 (the weight product in the weight's dtype, as :meth:`DudeLinear.row_norm`)."""
+    cdtype = torch.promote_types(weight.dtype, torch.float32)
+    a, b = lora_a.to(cdtype), lora_b.to(cdtype)
+    wf_at = F.linear(weight, lora_a.to(weight.dtype)).to(cdtype)  # [out, r]
+    a_at = a @ a.T  # [r, r]
+    sq = torch.addmm(wf_at, b, a_at, beta=2.0).mul_(b).sum(dim=1).add_(weight_sq_norm.to(cdtype))
+    norm = sq.clamp_min(eps).sqrt_()
+    return magnitude.to(cdtype) / norm, norm, wf_at, a_at, sq > eps
+
+
+def _norm_scale_grads(grad, weight, lora_a, lora_b, norm, scale, wf_at, a_at, unclamped, needs_ab: tuple[bool, bool]):
+    """Gradients of ``A`` and ``B`` (in at least float32, None where not needed) through
+    ``scale = m / n`` given ``grad`` of ``scale``; closed form, with ``s = n^2``::
+
+        gs  = -grad * m / (2 n^3)   (0 where s was clamped to eps)
+        d B = 2 gs * (W_f A^T + B A A^T)
+        d A = 2 ((gs * B)^T W_f + ((gs * B)^T B) A)
+    """
+    gs2 = (grad * scale).div_(norm.square()).mul_(unclamped).neg_()  # 2 * d loss / d s, [out]
+    b = lora_b.to(wf_at.dtype)
+    grad_a = grad_b = None
+    if needs_ab[1]:
+        grad_b = torch.addmm(wf_at, b, a_at).mul_(gs2[:, None])
+    if needs_ab[0]:
+        gsb = gs2[:, None] * b  # [out, r]
+        grad_a = (gsb.T.to(weight.dtype) @ weight).to(wf_at.dtype)
+        grad_a.addmm_(gsb.T @ b, lora_a.to(wf_at.dtype))
+    return grad_a, grad_b
 
 
 def _scale_grads(g: torch.Tensor, z: torch.Tensor, scale: torch.Tensor,

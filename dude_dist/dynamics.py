@@ -70,14 +70,19 @@ class LayerDynamics:
                 "update_norm": math.sqrt(self.update_sq / max(self.w0_sq, 1e-300))}
 
 
-def _weight_products(weight: torch.Tensor, factors: torch.Tensor, chunk_rows: int = 256) -> torch.Tensor:
-    """``weight @ factors.T`` (``[out, k]``, float64), a block of rows at a time in float32
-    (float64 for a float64 weight): no ``[out, in]`` copy of the weight is made."""
+def _weight_products(weight: torch.Tensor, factors: torch.Tensor, block_bytes: int = 16 << 20) -> torch.Tensor:
+    """``weight @ factors.T`` (``[out, k]``, float64) in float32 (float64 for a float64 weight).
+    A float32/float64 weight is used as it is, in one product; a lower-precision one is cast a
+    block of rows at a time (at most ``block_bytes`` of float32, at least 256 rows): no
+    ``[out, in]`` copy of the weight is made."""
     cdtype = torch.promote_types(weight.dtype, torch.float32)
     rhs = factors.to(device=weight.device, dtype=cdtype).T
+    if weight.dtype == cdtype:
+        return (weight @ rhs).double()
     out = torch.empty(weight.shape[0], factors.shape[0], dtype=torch.float64, device=weight.device)
-    for start in range(0, weight.shape[0], chunk_rows):
-        out[start:start + chunk_rows] = (weight[start:start + chunk_rows].to(cdtype) @ rhs).double()
+    rows = max(256, block_bytes // (4 * weight.shape[1]))
+    for start in range(0, weight.shape[0], rows):
+        out[start:start + rows] = (weight[start:start + rows].to(cdtype) @ rhs).double()
     return out
 
 

@@ -281,7 +281,8 @@ class Trainer:
         t0 = time.perf_counter()
         lr = float(self.engine.get_lr()[0])
         self.layer_grads.reset(step)
-        if self.dynamics is not None and (self._logs(step + 1) or not self.dynamics.ready):
+        if self.dynamics is not None and (self.cfg.train.measures_dynamics(step + 1, self.total_steps)
+                                          or not self.dynamics.ready):
             self.dynamics.arm()  # measured in the first forward: the parameters this step's loss sees
         loss, _, tokens, bad_samples, stop, grad_norm = self.forward_backward(step, self.batches(step))
         skipped = not self.engine.was_step_applied()
@@ -333,7 +334,7 @@ class Trainer:
         bar.update(1)
         bar.set_postfix(loss=f"{result.loss:.4f}", gnorm=f"{result.grad_norm:.3f}",
                         tok_s=f"{speed['train/tokens_per_s']:.0f}")
-        if self._logs(step) or result.skipped:
+        if self._logs(step) or result.skipped or result.dynamics:
             self.tracker.log(step, {
                 "train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": result.lr,
                 **speed, "train/step_time_s": result.step_time,

@@ -191,3 +191,16 @@ def test_dude_config_accepts_a_single_target_string():
     assert DudeConfig(targets="qkv_proj").targets == ("qkv_proj",)
     with pytest.raises(ConfigError, match="adapter.targets"):
         DudeConfig(targets=())
+
+
+def test_dynamics_are_measured_at_step_one_every_nth_step_and_the_last():
+    def steps(total: int, **kw) -> list[int]:
+        cfg = TrainConfig(**kw)
+        return [s for s in range(1, total + 1) if cfg.measures_dynamics(s, total)]
+
+    assert steps(35) == [1, 10, 20, 30, 35]  # default: every 10th logged step (log_every 1)
+    assert steps(70, log_every=5) == [1, 50, 70]
+    assert steps(7, dynamics_every=3) == [1, 3, 6, 7]
+    assert steps(4, dynamics_every=1) == [1, 2, 3, 4]
+    with pytest.raises(ConfigError, match=r"train\.dynamics_every: must be >= 0, got -1"):
+        TrainConfig(dynamics_every=-1)

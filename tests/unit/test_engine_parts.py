@@ -181,6 +181,26 @@ def test_layer_grad_norms_match_the_gradients_and_name_the_culprit(monkeypatch):
     assert probe.norms() == pytest.approx(expected, rel=1e-12)
     top = "up" if expected[0] > expected[1] else "down"
     assert probe.worst() == f"largest gradient norm {max(expected):.4g} in layer {top}"
+
+    # A second micro-batch of the same step adds its squares; reset starts the next step afresh.
+    first = [m.magnitude.grad.clone() for m in (model.up, model.down)]
+    model.zero_grad()
+    (model(torch.randn(3, 8)) * 3).square().sum().backward()
+    second = [torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad]).double().norm().item()
+              for m in (model.up, model.down)]
+    assert probe.norms() == pytest.approx([(a * a + b * b) ** 0.5 for a, b in zip(expected, second)], rel=1e-12)
+    assert not torch.equal(first[0], model.up.magnitude.grad)
+    probe.reset(1)
+    assert probe.norms() == [0.0, 0.0]
+
+    # A layer whose gradients do not all arrive (a parameter frozen after the hooks were set)
+    # is still measured, from what did arrive.
+    model.down.magnitude.requires_grad_(False)
+    model.zero_grad()
+    model(torch.randn(5, 8)).sum().backward()
+    partial_down = torch.cat([p.grad.flatten() for p in model.down.parameters() if p.grad is not None])
+    assert probe.norms()[1] == pytest.approx(partial_down.double().norm().item(), rel=1e-12)
+    model.down.magnitude.requires_grad_(True)
     probe.remove()
 
     # The fault hook makes one layer's gradient infinite at the chosen (1-based) step only.
@@ -193,6 +213,48 @@ def test_layer_grad_norms_match_the_gradients_and_name_the_culprit(monkeypatch):
         assert torch.isfinite(model.down.magnitude.grad).all() == finite
         assert probe.worst().startswith("largest gradient norm" if finite else
                                         "layer down has a non-finite gradient (1 of 2 layers non-finite)")
+
+
+def test_layer_grad_norms_cost_one_fused_norm_per_layer_and_no_host_read():
+    """The hooks run on every micro-batch: per DuDe layer one ``_foreach_norm`` (one kernel on
+    CUDA) and nothing else that computes; no reduction or host copy until asked."""
+    from torch import nn
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dude_dist import DudeConfig, apply_dude
+    from dude_dist.layer_grads import LayerGradNorms
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(16, 16) for _ in range(4)))
+    apply_dude(model, DudeConfig(targets=["0", "1", "2", "3"], rank=2))
+    x = torch.randn(6, 16)
+
+    def backward_ops() -> list[str]:
+        loss = model(x).square().sum()
+        with Ops() as ops:
+            loss.backward()
+        model.zero_grad()
+        return [n for n in ops.names if n not in ("detach", "alias")]
+
+    without = backward_ops()
+    probe = LayerGradNorms(model)
+    probe.reset(0)
+    with_hooks = backward_ops()
+    extra = list(with_hooks)
+    for name in without:
+        extra.remove(name)
+    assert sorted(extra) == ["_foreach_norm"] * 4, extra
+    assert len(probe._pending) == 4
+    probe.remove()
 
 
 def test_loss_from_labelled_positions_only_equals_the_full_logits_loss(stories_path):
