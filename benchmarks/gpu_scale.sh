@@ -7,17 +7,12 @@
 # The carried wheels (DeepSpeed and what the image lacks) go into a private folder put first
 # on PYTHONPATH; the tokenizer and GSM8K come from .device/shared.
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 PY="${PYTHON:-$(command -v python3)}"
 OUT="${OUT:-runs/gpu_scale}"
 mkdir -p "$OUT"
-SITE="${TMPDIR:-/tmp}/dude_gpu_site"
-if compgen -G ".wheels/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .wheels/*.whl \
-    > "$OUT/pip.log" 2>&1 || { echo "error: installing .wheels failed; see $OUT/pip.log"; exit 1; }
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export DUDE_SHARED="$PWD/.device/shared" PYTHONUNBUFFERED=1
+# shellcheck source=benchmarks/gpu_env.sh
+source benchmarks/gpu_env.sh
 "$PY" benchmarks/scale.py --gpu --work "${TMPDIR:-/tmp}/dude_gpu_scale" "$@" 2>&1 | tee "$OUT/gpu_scale.log"
 rc=${PIPESTATUS[0]}
 cp benchmarks/results/gpu_scale.* "$OUT/" 2>/dev/null

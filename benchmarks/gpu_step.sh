@@ -15,13 +15,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 PY="${PYTHON:-$(command -v python3)}"
 OUT="${OUT:-runs/gpu_step}"
 mkdir -p "$OUT"
-SITE="${TMPDIR:-/tmp}/dude_gpu_site"
-if compgen -G ".wheels/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .wheels/*.whl \
-    > "$OUT/pip.log" 2>&1 || { echo "error: installing .wheels failed; see $OUT/pip.log"; exit 1; }
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"
-fi
-export DUDE_SHARED="$PWD/.device/shared" PYTHONUNBUFFERED=1
+# shellcheck source=benchmarks/gpu_env.sh
+source benchmarks/gpu_env.sh
 WORK="${TMPDIR:-/tmp}/dude_gpu_step"
 ALL7=(q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)
 read -r -a PROFILED <<< "${PROFILE_SYSTEMS:-dude_dist peft_lora}"

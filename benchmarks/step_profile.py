@@ -157,6 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.reanalyse and not Path(spy).exists():
         print("error: py-spy is not installed (pip install py-spy)", file=sys.stderr)
         return 2
+    if args.reanalyse and not Path(args.work_dir).is_dir():
+        print(f"error: --work-dir {args.work_dir} is not a folder of an earlier run", file=sys.stderr)
+        return 2
+    try:
+        return run(args)
+    except (FileNotFoundError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the runs so far are in the work folder, no results written", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
     import torch
 
     cuda = torch.cuda.is_available()

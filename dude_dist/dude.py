@@ -47,7 +47,7 @@ class DudeLinear(nn.Module):
     two to three fewer ``[tokens, out]`` allocations and elementwise passes per step, and
     about a quarter fewer ops dispatched, which is what a small layer costs on a GPU.
     ``fused=False`` is the plain autograd reference; under ``torch.autocast``, with mixed
-    dtypes or with ``recompute`` the layer always takes it.
+    dtypes or with ``recompute`` (when training) the layer always takes it.
 
     Args:
         in_features: input size.
@@ -56,7 +56,7 @@ class DudeLinear(nn.Module):
         bias: whether the layer carries a (frozen) bias.
         norm_grad: ``exact`` or ``detach``.
         recompute: rebuild the pre-scale output in backward instead of saving it.
-        fused: use the fused autograd function (ignored with ``recompute``).
+        fused: use the fused autograd function (ignored with ``recompute`` when training).
         eps: lower bound on ``n^2``; a zero row gives a zero output, never NaN.
         device: where to allocate.
         dtype: parameter dtype (the model's).
@@ -173,15 +173,16 @@ class DudeLinear(nn.Module):
         return self.magnitude.to(norm.dtype) / norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and not self.recompute and self._can_fuse(x):
-            if not torch.is_grad_enabled():
+        grad = torch.is_grad_enabled()
+        if self.fused and not (self.recompute and grad) and self._can_fuse(x):
+            if not grad:
                 scale = _norm_scale(self.weight, self.weight_sq_norm, self.lora_a, self.lora_b, self.magnitude,
                                     self.eps)[0].to(x.dtype)
                 return _scaled_linear(x, self.weight, self.lora_a, self.lora_b, scale, self.bias, keep_z=False)[0]
             return _ScaledLinear.apply(x, self.weight, self.weight_sq_norm, self.lora_a, self.lora_b, self.magnitude,
                                        self.bias, self.eps, self.norm_grad == "detach")
         scale = self.scale().to(x.dtype)  # [out]
-        if self.recompute and torch.is_grad_enabled():
+        if self.recompute and grad:
             out = _ScaledLowRankLinear.apply(x, self.weight, self.lora_a, self.lora_b, scale)
         else:
             out = F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_a), self.lora_b)
@@ -263,11 +264,12 @@ class _ScaledLinear(torch.autograd.Function):
         needs = ctx.needs_input_grad
         scale32, norm, wf_at, a_at, unclamped = _norm_scale(weight, weight_sq_norm, lora_a, lora_b, magnitude, eps)
         scale = scale32.to(x.dtype)
-        keep_z = needs[5] or (not detach and (needs[3] or needs[4]))
+        through_norm = not detach and (needs[3] or needs[4])  # A or B get the norm's share
+        keep_z = needs[5] or through_norm
         out, xa, z = _scaled_linear(x, weight, lora_a, lora_b, scale, bias, keep_z=keep_z)
-        ctx.detach, ctx.keep_z, ctx.m_dtype = detach, keep_z, magnitude.dtype
-        ctx.save_for_backward(x, weight, lora_a, lora_b, scale, xa, z if keep_z else None, norm, scale32, wf_at,
-                              a_at, unclamped)
+        ctx.through_norm, ctx.keep_z, ctx.m_dtype = through_norm, keep_z, magnitude.dtype
+        norm_parts = (scale32, wf_at, a_at, unclamped) if through_norm else (None,) * 4
+        ctx.save_for_backward(x, weight, lora_a, lora_b, scale, xa, z if keep_z else None, norm, *norm_parts)
         return out
 
     @staticmethod
@@ -281,7 +283,7 @@ class _ScaledLinear(torch.autograd.Function):
             grad_bias = g2.sum(0)
         if ctx.keep_z:
             gz, grad_scale = _scale_grads(g2, z.view(-1, z.shape[-1]), scale)
-            grad_scale = grad_scale.to(scale32.dtype)
+            grad_scale = grad_scale.to(norm.dtype)
         elif needs[0] or needs[3] or needs[4]:
             gz = g2 * scale
         if needs[0] or needs[3]:
@@ -294,7 +296,7 @@ class _ScaledLinear(torch.autograd.Function):
             grad_b = gz.T @ xa.reshape(-1, xa.shape[-1])
         if needs[5]:
             grad_m = (grad_scale / norm).to(ctx.m_dtype)
-        if not ctx.detach and (needs[3] or needs[4]):
+        if ctx.through_norm:
             norm_a, norm_b = _norm_scale_grads(grad_scale, weight, lora_a, lora_b, norm, scale32, wf_at, a_at,
                                                unclamped, (needs[3], needs[4]))
             if norm_a is not None:

@@ -2,12 +2,11 @@
 
 DeepSpeed reports one global gradient norm and, when it is non-finite, skips the step and
 zeroes the gradients. Which layer went wrong is gone by then, so tensor hooks on the
-trainable parameters record each DuDe layer's gradient norms as backward produces them: the
-full, not yet reduce-scattered, gradients of this rank's micro-batch, under ZeRO-3 too. A
-layer's gradients are held until the last of them arrives and then measured by one fused
-``_foreach_norm`` (a single kernel on CUDA), whose 0-dim results stay on the device. Nothing
-is summed, reduced or read on the host unless a step turns out non-finite, when
-:meth:`LayerGradNorms.worst` sums the squares over micro-batches and ranks and names the layer:
+trainable parameters record each gradient's norm as backward produces it: the full, not yet
+reduce-scattered, gradient of this rank's micro-batch, under ZeRO-3 too. A hook is one
+``linalg.vector_norm`` (float64 accumulation) whose 0-dim result stays on the device;
+nothing is summed, reduced or read on the host unless a step turns out non-finite, when
+:meth:`LayerGradNorms.worst` sums the squares over parameters, micro-batches and ranks and names the layer:
 
 * the first layer (module order) whose gradient is non-finite, with how many are, or
 * else the layer with the largest gradient norm.
@@ -46,10 +45,8 @@ class LayerGradNorms:
     def __init__(self, model: nn.Module, rank: int = 0, world: int = 1) -> None:
         self.names: list[str] = []
         self._handles = []
-        self._wanted: list[int] = []  # trainable parameters per layer
-        self._waiting: dict[int, dict[str, torch.Tensor]] = {}  # a layer's gradients so far
-        # (layer index, its gradients' norms) per layer and micro-batch of the current step
-        self._pending: list[tuple[int, tuple[torch.Tensor, ...]]] = []
+        # (layer index, a gradient's norm) per trainable parameter and micro-batch of the step
+        self._pending: list[tuple[int, torch.Tensor]] = []
         self._step = 0
         faults = Faults.from_env()
         self._fault_steps, self._fault_layer = faults.inf_grad_steps, faults.inf_grad_layer
@@ -59,43 +56,29 @@ class LayerGradNorms:
                 continue
             index = len(self.names)
             self.names.append(name.removeprefix("module."))
-            params = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-            self._wanted.append(len(params))
-            for pname, param in params:
-                self._handles.append(param.register_hook(partial(self._record, index, pname)))
+            for pname, param in module.named_parameters(recurse=False):
+                if param.requires_grad:
+                    self._handles.append(param.register_hook(partial(self._record, index, pname)))
 
     def reset(self, step: int) -> None:
         """Start recording optimizer step ``step`` (0-based)."""
         self._step = step
-        self._waiting = {}
         self._pending = []
 
     def _record(self, index: int, pname: str, grad: torch.Tensor) -> torch.Tensor | None:
         if (self._inject_here and self._step + 1 in self._fault_steps and pname == "magnitude"
                 and self.names[index] == self._fault_layer):
             grad = grad * float("inf")
-        waiting = self._waiting.setdefault(index, {})
-        if pname in waiting:  # the layer ran twice: measure what came before
-            self._measure(index)
-            waiting = self._waiting.setdefault(index, {})
-        waiting[pname] = grad.detach()
-        if len(waiting) == self._wanted[index]:
-            self._measure(index)
+        self._pending.append((index, torch.linalg.vector_norm(grad.detach(), dtype=torch.float64)))
         return grad
-
-    def _measure(self, index: int) -> None:
-        grads = list(self._waiting.pop(index).values())
-        self._pending.append((index, torch._foreach_norm(grads, 2, dtype=torch.float64)))
 
     def norms(self) -> list[float]:
         """Per-layer gradient norms of the current step, summed over ranks (collective)."""
-        for index in list(self._waiting):  # layers with some gradients missing (frozen by a hook, unused)
-            self._measure(index)
-        device = self._pending[0][1][0].device if self._pending else None
+        device = self._pending[0][1].device if self._pending else None
         sq = torch.zeros(len(self.names), dtype=torch.float64, device=device)
         if self._pending:
-            index = torch.tensor([i for i, norms in self._pending for _ in norms], device=device)
-            sq.index_add_(0, index, torch.stack([n for _, norms in self._pending for n in norms]).square())
+            index = torch.tensor([i for i, _ in self._pending], device=device)
+            sq.index_add_(0, index, torch.stack([n for _, n in self._pending]).square())
         comm.all_reduce(sq)
         return [math.sqrt(v) if math.isfinite(v) else v for v in sq.cpu().tolist()]
 

@@ -600,3 +600,36 @@ def test_row_norm_of_a_bf16_weight_is_computed_in_float32(mixed):
         got = layer.row_norm()
     assert got.dtype == torch.float32
     assert (got.double() - want).abs().max().item() <= 1e-3 * want.max().item()
+
+
+def test_fused_detach_mode_saves_nothing_for_the_norm():
+    """With ``norm_grad="detach"`` backward needs only ``n`` of the norm: the ``[out, r]``
+    product, ``A A^T``, the float32 scale and the clamp mask are not kept."""
+    saved = {}
+    for mode in ("exact", "detach"):
+        layer = make_layer(norm_grad=mode, bias=False)
+        params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+        shapes = []
+
+        def pack(t, shapes=shapes, params=params):
+            if t.untyped_storage().data_ptr() not in params:
+                shapes.append((tuple(t.shape), t.dtype))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(torch.randn(3, IN))
+        saved[mode] = shapes
+    assert ((OUT, RANK), torch.float32) in saved["exact"] and ((RANK, RANK), torch.float32) in saved["exact"]
+    assert ((OUT, RANK), torch.float32) not in saved["detach"] and ((RANK, RANK), torch.float32) not in saved["detach"]
+    assert len(saved["exact"]) - len(saved["detach"]) == 4, saved
+
+
+def test_recompute_layer_without_grad_takes_the_fused_forward():
+    """Evaluation of a ``recompute`` layer needs no saved tensors: the fused no-grad forward
+    (same values as the training forward) is used."""
+    layer = make_layer()
+    layer.recompute = True
+    x = torch.randn(4, IN)
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.allclose(y, layer(x).detach(), rtol=1e-6, atol=1e-6)
