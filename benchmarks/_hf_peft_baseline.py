@@ -176,6 +176,9 @@ def main(argv=None) -> int:
             "trainable_params": trainable, "losses": timer.losses, "ds_config": ds_config,
         }, indent=1))
     torch.distributed.barrier()
+    # Tear the group down before the interpreter exits: with gloo's threads still alive at
+    # exit a rank can abort ("terminate called without an active exception").
+    torch.distributed.destroy_process_group()
     return 0
 
 
