@@ -8,9 +8,7 @@
 # on PYTHONPATH; the tokenizer and GSM8K come from .device/shared.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
-PY="${PYTHON:-$(command -v python3)}"
 OUT="${OUT:-runs/gpu_scale}"
-mkdir -p "$OUT"
 # shellcheck source=benchmarks/gpu_env.sh
 source benchmarks/gpu_env.sh
 "$PY" benchmarks/scale.py --gpu --work "${TMPDIR:-/tmp}/dude_gpu_scale" "$@" 2>&1 | tee "$OUT/gpu_scale.log"

@@ -12,9 +12,7 @@
 #    too). PROFILE_SYSTEMS="dude_dist" profiles one system only.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
-PY="${PYTHON:-$(command -v python3)}"
 OUT="${OUT:-runs/gpu_step}"
-mkdir -p "$OUT"
 # shellcheck source=benchmarks/gpu_env.sh
 source benchmarks/gpu_env.sh
 WORK="${TMPDIR:-/tmp}/dude_gpu_step"
