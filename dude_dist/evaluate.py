@@ -46,6 +46,7 @@ from dude_dist.export import config_for_checkpoint, merged_copy, rebuild_model, 
 from dude_dist.loss import (  # noqa: F401  (accepts_logits_to_keep, token_loss_sum re-exported)
     IGNORE_INDEX,
     accepts_logits_to_keep,
+    logits_to_keep_support,
     loss_inputs,
     summed_loss,
     token_loss_sum,
@@ -543,7 +544,7 @@ def eval_loss(model: Any, dataset: Sequence[dict], pad_token_id: int, batch_size
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    keep = accepts_logits_to_keep(model)
+    keep = logits_to_keep_support(model)
     total, tokens = 0.0, 0
     try:
         for start in range(0, len(dataset), batch_size):
@@ -676,11 +677,11 @@ class TrainingEvaluator:
         ds_config: the engine's DeepSpeed config (is the model ZeRO-3 partitioned?).
         env: this rank's :class:`dude_dist.distributed.DistEnv`.
         run_dir: where ``eval_<when>.json`` goes (rank 0).
-        keep_logits: pass ``logits_to_keep`` to the model.
+        keep_logits: how the model takes ``logits_to_keep`` (:func:`dude_dist.loss.logits_to_keep_support`).
     """
 
     def __init__(self, engine: Any, eval_set: Any, tokenizer: Any, cfg: Any, ds_config: dict, env: Any, run_dir: Any,
-                 keep_logits: bool) -> None:
+                 keep_logits: str) -> None:
         self.engine, self.eval_set, self.tokenizer, self.cfg = engine, eval_set, tokenizer, cfg
         self.zero3 = ds_config["zero_optimization"]["stage"] == 3
         self.rank, self.world, self.device = env.rank, env.world_size, env.device

@@ -8,9 +8,13 @@ Everything that needs host arithmetic (how many targets a batch has, where its f
 label is) is read from the batch *before* it moves to the device (:func:`loss_inputs`),
 so the step never waits on the GPU for a count.
 
-With ``logits_to_keep`` the model computes logits only from the first labelled position
-of the batch on: prompt positions carry no loss, and the LM head over a large vocabulary
-is a sizeable share of a step's work and memory.
+With ``logits_to_keep`` the model computes logits only where the loss needs them: prompt
+positions carry no loss, and the LM head over a large vocabulary is a sizeable share of a
+step's work and memory (SmolLM2-135M: a fifth of the frozen weights each token meets;
+Qwen2.5-32B at 2048 tokens: 4 GiB of logits, their float32 copy and its gradient). When the
+labelled positions of a batch run unbroken to its end (a padded batch) the model is given
+their count and slices; when they leave gaps (a packed row: every sample's prompt), it is
+given the positions themselves, counted on the host, and gathers just those.
 
 Packed rows (:func:`dude_dist.data.pack_dataset`) reach the model with ``position_ids``
 that restart at every sample and without ``attention_mask``, plus the samples' cumulative
@@ -32,9 +36,33 @@ from dude_dist.attention import packed_lengths_on_host
 IGNORE_INDEX = -100
 
 
+KEEP_LAST = "last"
+KEEP_POSITIONS = "positions"
+
+
+def logits_to_keep_support(model: Any) -> str:
+    """How ``model.forward`` takes ``logits_to_keep``: :data:`KEEP_POSITIONS` (a count of
+    last positions or a 1-D tensor of positions: transformers' causal LMs), :data:`KEEP_LAST`
+    (a count only: the parameter's annotation names no tensor), or ``""`` (not at all)."""
+    param = inspect.signature(model.forward).parameters.get("logits_to_keep")
+    if param is None:
+        return ""
+    return KEEP_POSITIONS if "Tensor" in str(param.annotation) else KEEP_LAST
+
+
 def accepts_logits_to_keep(model: Any) -> bool:
     """Whether ``model.forward`` takes ``logits_to_keep`` (transformers' causal LMs do)."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return bool(logits_to_keep_support(model))
+
+
+def _keep_mode(keep_logits: bool | str | None) -> str:
+    if keep_logits is True:
+        return KEEP_POSITIONS
+    if not keep_logits:
+        return ""
+    if keep_logits not in (KEEP_LAST, KEEP_POSITIONS):
+        raise ValueError(f"keep_logits must be a bool, {KEEP_LAST!r} or {KEEP_POSITIONS!r}, got {keep_logits!r}")
+    return keep_logits
 
 
 @dataclass(frozen=True)
@@ -48,6 +76,9 @@ class LossInputs:
         tokens: number of real (non-padding) tokens (host integer).
         first: first labelled target position (``logits_to_keep`` starts there), or None to
             compute logits everywhere.
+        positions: the labelled target positions ``[k]`` on the device when they leave gaps
+            between ``first`` and the end (a packed row's prompts): logits are computed at
+            these positions only. None otherwise.
         forward_kwargs: further keyword arguments of the model call (packed rows:
             ``use_cache=False`` and, but for ``eager``, the cumulative sequence lengths).
     """
@@ -57,6 +88,7 @@ class LossInputs:
     tokens: int
     first: int | None
     forward_kwargs: dict[str, Any] = field(default_factory=dict)
+    positions: torch.Tensor | None = None
 
 
 def varlen_kwargs(position_ids: torch.Tensor, device: torch.device | str | None = None) -> dict[str, Any]:
@@ -81,24 +113,30 @@ def varlen_kwargs(position_ids: torch.Tensor, device: torch.device | str | None 
 
 
 def loss_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | None = None,
-                keep_logits: bool = True, attn_implementation: str = "sdpa") -> LossInputs:
+                keep_logits: bool | str = True, attn_implementation: str = "sdpa") -> LossInputs:
     """Count targets and tokens and find the first label on the host, then move ``batch``.
 
     Args:
         batch: from :func:`dude_dist.data.collate_batch` (host tensors; a device batch works
             too, at the price of a sync).
         device: where the model runs (None: leave the tensors where they are).
-        keep_logits: compute logits only from the first labelled position on.
+        keep_logits: compute logits only where there are labels: :data:`KEEP_POSITIONS`
+            (or True) at the labelled positions, :data:`KEEP_LAST` from the first labelled
+            position on (a model whose ``logits_to_keep`` is a count only,
+            :func:`logits_to_keep_support`), False everywhere.
         attn_implementation: ``model.attn_implementation``; packed rows carry the
             cumulative sequence lengths (:func:`varlen_kwargs`) on the host for ``sdpa``, on
             ``device`` for ``flash_attention_2``, and none for ``eager`` (transformers'
             block-diagonal mask).
     """
+    keep = _keep_mode(keep_logits)
     targets = batch["labels"][:, 1:] != IGNORE_INDEX
-    first = None
-    if keep_logits:
-        labelled = targets.any(0).nonzero()
+    first = positions = None
+    if keep:
+        labelled = targets.any(0).nonzero().reshape(-1)
         first = int(labelled[0]) if len(labelled) else targets.shape[1] - 1
+        if keep == KEEP_POSITIONS and 0 < len(labelled) < targets.shape[1] - first:  # gaps: gather
+            positions = labelled.to(device, non_blocking=True) if device is not None else labelled
     packed = "position_ids" in batch
     # Packed rows go to the model with position_ids and no attention_mask: that is what makes
     # transformers build per-sample attention. The mask stays on the host to count tokens.
@@ -111,7 +149,7 @@ def loss_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | Non
             on_host = packed_lengths_on_host(attn_implementation)
             forward_kwargs.update(varlen_kwargs(batch["position_ids"], None if on_host else device))
     return LossInputs(tensors=moved, targets=int(targets.sum()), tokens=int(batch["attention_mask"].sum()),
-                      first=first, forward_kwargs=forward_kwargs)
+                      first=first, forward_kwargs=forward_kwargs, positions=positions)
 
 
 def summed_loss(forward: Any, inputs: LossInputs) -> torch.Tensor:
@@ -124,18 +162,24 @@ def summed_loss(forward: Any, inputs: LossInputs) -> torch.Tensor:
     batch = inputs.tensors
     labels = batch["labels"][:, 1:]
     kwargs: dict = dict(inputs.forward_kwargs)
-    if inputs.first is not None:
+    shifted = True  # logits of every kept position but the last meet a label
+    if inputs.positions is not None:
+        kwargs["logits_to_keep"] = inputs.positions  # logits[:, j] predicts labels[:, 1:][:, positions[j]]
+        labels = labels.index_select(1, inputs.positions)
+        shifted = False
+    elif inputs.first is not None:
         kwargs["logits_to_keep"] = labels.shape[1] + 1 - inputs.first
         labels = labels[:, inputs.first :]
     for key in ("attention_mask", "position_ids"):
         if key in batch:
             kwargs[key] = batch[key]
     logits = forward(input_ids=batch["input_ids"], **kwargs).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+    logits = logits[:, :-1] if shifted else logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
 
 
-def token_loss_sum(forward: Any, batch: dict[str, torch.Tensor], keep_logits: bool = True
+def token_loss_sum(forward: Any, batch: dict[str, torch.Tensor], keep_logits: bool | str = True
                    ) -> tuple[torch.Tensor, int]:
     """Summed next-token loss of a batch (wherever it lives) and its number of labelled targets."""
     inputs = loss_inputs(batch, keep_logits=keep_logits)

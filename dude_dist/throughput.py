@@ -30,8 +30,10 @@ without activation checkpointing; with checkpointing ``6N`` happens to equal for
 backward and recompute, but then only by counting the recompute as model work, which
 this count does too (it states what the hardware executes). Attention is counted per
 sample, so a packed row of short samples costs what the samples cost, not a full
-``max_seq_len`` square. ``logits_to_keep`` (LM head only from the first label on) is not
-subtracted: the count is a slight over-estimate there.
+``max_seq_len`` square. The LM head (forward and input-gradient backward, ``4 V h``) is
+counted at the labelled targets only: those are the logits the loss needs and the ones
+:mod:`dude_dist.loss` computes for a packed row; a padded batch's prompt positions after
+its first label, computed too, are not counted, as its padding is not.
 """
 
 from __future__ import annotations
@@ -131,20 +133,23 @@ class FlopModel:
         return cls(frozen=frozen, head=head, adapter=adapter, rebuilt=rebuilt, norms=norms, norm_grads=norm_grads,
                    attention_width=width, checkpointing=checkpointing)
 
-    def step_flops(self, tokens: int, square_lengths: int, passes: int) -> float:
+    def step_flops(self, tokens: int, square_lengths: int, passes: int, logits: int | None = None) -> float:
         """Model FLOPs of one optimizer step.
 
         Args:
             tokens: real tokens of the global batch.
             square_lengths: sum of ``n**2`` over its samples (``n`` tokens each).
             passes: forward passes (micro-batches over all ranks).
+            logits: positions the LM head is counted at (the labelled targets); None: every
+                token.
         """
         again = 1 if self.checkpointing else 0
-        per_token = (2 * self.frozen + 2 * self.frozen + again * 2 * (self.frozen - self.head)
-                     + (3 + again) * self.adapter + self.rebuilt)
+        body = self.frozen - self.head
+        per_token = 4 * body + again * 2 * body + (3 + again) * self.adapter + self.rebuilt
+        head = 4 * self.head * (tokens if logits is None else logits)
         attention = (3 + again) * 2 * self.attention_width * square_lengths
         per_pass = (1 + again) * self.norms + self.norm_grads
-        return float(per_token * tokens + attention + per_pass * passes)
+        return float(per_token * tokens + head + attention + per_pass * passes)
 
     def six_n_flops(self, tokens: int) -> float:
         """The full fine-tuning count ``6 N`` per token, for comparison (overstates adapter work)."""
@@ -215,5 +220,6 @@ class StepThroughput:
         (0-based), over every rank's micro-batches."""
         micro = [m for rank in range(self.world) for m in self.sampler.micro_batches(step, rank)]
         tokens, slots, square = self.counts.shape(micro)
-        flops = self.flop_model.step_flops(tokens, square, len(micro))
+        targets = int(sum(self.counts.targets[list(rows)].sum() for rows in micro))
+        flops = self.flop_model.step_flops(tokens, square, len(micro), logits=targets)
         return throughput_scalars(flops, tokens, slots, seconds, self.world, self.peak)

@@ -51,7 +51,7 @@ from dude_dist.evaluate import TrainingEvaluator
 from dude_dist.export import write_adapter_files
 from dude_dist.failures import Faults, NonFiniteStreak, StopRequests, is_comm_failure, lost_peer_error, step_problem
 from dude_dist.layer_grads import LayerGradNorms
-from dude_dist.loss import LossInputs, accepts_logits_to_keep, loss_inputs, summed_loss
+from dude_dist.loss import LossInputs, logits_to_keep_support, loss_inputs, summed_loss
 from dude_dist.models import load_model, load_tokenizer, prefetch_model
 from dude_dist.planner import check_replicated_model_fits
 from dude_dist.run_dir import RunDir
@@ -124,7 +124,7 @@ class Trainer:
             self.tracker.log(0, self.init_scalars)
         self.faults = Faults.from_env()
         self.layer_grads = LayerGradNorms(self.engine.module, self.rank, self.world)
-        self._keep_logits = accepts_logits_to_keep(self.engine.module)
+        self._keep_logits = logits_to_keep_support(self.engine.module)
         self.evaluator = TrainingEvaluator(self.engine, self.eval_set, self.tokenizer, cfg, self.ds_config,
                                            self.env, self.run_dir, self._keep_logits)
         self._can_skip = hasattr(self.engine.optimizer, "overflow")

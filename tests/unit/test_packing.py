@@ -229,6 +229,69 @@ def test_one_packed_row_gives_the_losses_and_gradients_of_the_padded_batch(stori
         assert torch.allclose(grads_k[name], grads_p[name], atol=1e-5, rtol=0), name
 
 
+def packed_row(samples: list[dict]) -> dict:
+    """One packed row of ``samples`` as :func:`dude_dist.data.pack_dataset` stores it."""
+    return {"input_ids": [t for s in samples for t in s["input_ids"]],
+            "labels": [IGNORE_INDEX if j == 0 else t for s in samples for j, t in enumerate(s["labels"])],
+            "seq_lens": [len(s["input_ids"]) for s in samples]}
+
+
+def test_packed_rows_compute_logits_only_at_their_labelled_targets(stories_path, gsm8k):
+    plain, _ = gsm8k
+    samples = [plain.train[i] for i in range(8)]
+    model = dude_model(stories_path, "sdpa")
+    kept = []
+
+    def forward(**kwargs):
+        out = model(**kwargs)
+        kept.append((kwargs.get("logits_to_keep"), tuple(out.logits.shape)))
+        return out
+
+    for rows in ([packed_row(samples)], [packed_row(samples[:3]), packed_row(samples[3:])]):
+        batch = collate_batch(rows, pad_token_id=0)
+        results = {}
+        for keep in (False, True):
+            model.zero_grad()
+            inputs = loss_inputs(batch, keep_logits=keep)
+            total = summed_loss(forward, inputs)
+            (total / inputs.targets).backward()
+            grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+            results[keep] = (total.item(), grads)
+        labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).any(0).nonzero().reshape(-1)
+        positions, shape = kept[-1]
+        # the union over the rows of the positions that meet a label, passed as positions
+        assert torch.equal(positions, labelled) and shape == (len(rows), len(labelled), 512)
+        assert len(labelled) < batch["input_ids"].shape[1] - 1 - int(labelled[0])  # later prompts skipped
+        if len(rows) == 1:
+            assert len(labelled) == inputs.targets  # one logit per target
+        assert kept[-2][0] is None  # keep_logits=False: every position
+        assert results[True][0] == pytest.approx(results[False][0], rel=1e-6)
+        assert results[True][1].abs().max() > 0
+        assert torch.allclose(results[True][1], results[False][1], rtol=1e-5, atol=1e-7)
+    # Labels that run unbroken to the end (a padded batch) keep the slice; so does a model
+    # whose logits_to_keep is a count only; anything else is refused.
+    padded = collate_batch(samples[:2], pad_token_id=0)
+    assert loss_inputs(padded).positions is None and loss_inputs(padded).first is not None
+    gaps = collate_batch([packed_row(samples[:2])], pad_token_id=0)
+    assert loss_inputs(gaps, keep_logits="last").positions is None
+    assert loss_inputs(gaps, keep_logits="positions").positions is not None
+    assert loss_inputs(gaps, device="meta").positions.is_meta
+    with pytest.raises(ValueError, match="keep_logits must be a bool, 'last' or 'positions', got 'all'"):
+        loss_inputs(gaps, keep_logits="all")
+
+
+def test_logits_to_keep_support_reads_the_forward_signature(stories_path):
+    from dude_dist.loss import logits_to_keep_support
+
+    class CountOnly(torch.nn.Module):
+        def forward(self, input_ids, logits_to_keep: int = 0):
+            return input_ids
+
+    assert logits_to_keep_support(dude_model(stories_path, "sdpa")) == "positions"
+    assert logits_to_keep_support(CountOnly()) == "last"
+    assert logits_to_keep_support(torch.nn.Linear(2, 2)) == ""
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_no_logit_changes_when_an_unrelated_sample_is_packed_beside(stories_path, gsm8k, attn):
     plain, _ = gsm8k

@@ -53,8 +53,8 @@ def test_flop_model_reads_the_shapes_of_the_model(stories_path):
     assert detached.norm_grads == 0 and detached.rebuilt == c.num_hidden_layers * sum(2 * o * i for o, i in (q, v))
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_step_flops_match_the_flops_torch_counts(stories_path, checkpointing):
+@pytest.mark.parametrize("checkpointing,kept", [(False, None), (True, None), (True, 30)])
+def test_step_flops_match_the_flops_torch_counts(stories_path, checkpointing, kept):
     model = stories_dude(stories_path)
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -64,10 +64,12 @@ def test_step_flops_match_the_flops_torch_counts(stories_path, checkpointing):
     # DudeLinear's fused function adds its low-rank products in place (addmm_), which torch's
     # counter has no formula for: count them as the addmm they are.
     in_place = {torch.ops.aten.addmm_: lambda acc, a, b, **kwargs: 2 * a[0] * a[1] * b[1]}
+    # kept: the LM head runs at these positions only (a packed row's labelled targets)
+    positions = {} if kept is None else {"logits_to_keep": torch.arange(0, 2 * kept, 2)}
     with FlopCounterMode(display=False, custom_mapping=in_place) as counter:
-        model(inputs_embeds=embeds, use_cache=False).logits.pow(2).mean().backward()
+        model(inputs_embeds=embeds, use_cache=False, **positions).logits.pow(2).mean().backward()
     fm = FlopModel.from_model(model, checkpointing)
-    expected = fm.step_flops(n, n * n, passes=1)
+    expected = fm.step_flops(n, n * n, passes=1, logits=kept)
     # eager attention multiplies the whole n x n square, where the model counts its causal half
     expected += (3 + checkpointing) * 2 * fm.attention_width * n * n
     if checkpointing:
@@ -133,3 +135,25 @@ def test_plan_cli_refuses_an_impossible_peak_or_mfu(flags, message, capsys):
     spec.loader.exec_module(cli)
     assert cli.main(["--config", str(root / "configs" / "qwen32b.yaml"), "--no-deepspeed", *flags]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_step_throughput_counts_the_lm_head_at_the_step_targets(stories_path):
+    import numpy as np
+
+    from dude_dist.data import RowCounts
+    from dude_dist.throughput import StepThroughput
+
+    class TwoRanks:  # step 0: rank 0 has rows [0, 1] then [2]; rank 1 has row [3]
+        def micro_batches(self, step, rank):
+            return [[0, 1], [2]] if rank == 0 else [[3]]
+
+    counts = RowCounts(tokens=np.array([10, 20, 30, 40]), targets=np.array([4, 5, 6, 7]),
+                       square_lengths=np.array([100, 400, 500, 1600]))
+    model = stories_dude(stories_path)
+    meter = StepThroughput(model, TwoRanks(), counts, world_size=2, device=torch.device("cpu"), checkpointing=True)
+    out = meter.scalars(0, seconds=0.5)
+    fm = FlopModel.from_model(model, checkpointing=True)
+    expected = fm.step_flops(100, 2600, passes=3, logits=22)
+    assert out["train/model_tflops_per_s"] * 0.5 * 2 * 1e12 == pytest.approx(expected, rel=1e-12)
+    assert expected < fm.step_flops(100, 2600, passes=3)  # the prompts' logits are not model work
+    assert out["train/tokens_per_s"] == 200.0 and out["train/padding_ratio"] == pytest.approx(1 - 100 / 110)  # slots 2*20 + 30 + 40
