@@ -12,9 +12,10 @@ With ``logits_to_keep`` the model computes logits only where the loss needs them
 positions carry no loss, and the LM head over a large vocabulary is a sizeable share of a
 step's work and memory (SmolLM2-135M: a fifth of the frozen weights each token meets;
 Qwen2.5-32B at 2048 tokens: 4 GiB of logits, their float32 copy and its gradient). When the
-labelled positions of a batch run unbroken to its end (a padded batch) the model is given
-their count and slices; when they leave gaps (a packed row: every sample's prompt), it is
-given the positions themselves, counted on the host, and gathers just those.
+positions at which some row of the batch has a label run unbroken from the first to the
+end (most padded batches) the model is given their count and slices; when they leave gaps
+(a packed row: every later sample's prompt), it is given the positions themselves, a 1-D
+tensor counted on the host (transformers >= 4.49 takes one), and gathers just those.
 
 Packed rows (:func:`dude_dist.data.pack_dataset`) reach the model with ``position_ids``
 that restart at every sample and without ``attention_mask``, plus the samples' cumulative
@@ -121,7 +122,7 @@ def loss_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | Non
             too, at the price of a sync).
         device: where the model runs (None: leave the tensors where they are).
         keep_logits: compute logits only where there are labels: :data:`KEEP_POSITIONS`
-            (or True) at the labelled positions, :data:`KEEP_LAST` from the first labelled
+            (or True: transformers' causal LMs) at the labelled positions, :data:`KEEP_LAST` from the first labelled
             position on (a model whose ``logits_to_keep`` is a count only,
             :func:`logits_to_keep_support`), False everywhere.
         attn_implementation: ``model.attn_implementation``; packed rows carry the
@@ -135,7 +136,7 @@ def loss_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | Non
     if keep:
         labelled = targets.any(0).nonzero().reshape(-1)
         first = int(labelled[0]) if len(labelled) else targets.shape[1] - 1
-        if keep == KEEP_POSITIONS and 0 < len(labelled) < targets.shape[1] - first:  # gaps: gather
+        if keep == KEEP_POSITIONS and 1 < len(labelled) < targets.shape[1] - first:  # gaps: gather
             positions = labelled.to(device, non_blocking=True) if device is not None else labelled
     packed = "position_ids" in batch
     # Packed rows go to the model with position_ids and no attention_mask: that is what makes

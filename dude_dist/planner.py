@@ -462,6 +462,8 @@ def step_estimate(flops: FlopModel, tokens: int, sample_tokens: int, passes: int
         flops: the model's :class:`FlopModel`.
         tokens: real tokens per optimizer step (all ranks).
         sample_tokens: tokens per sample, for attention (``max_seq_len``: an upper bound).
+            The LM head is counted at every token, as if each were a target (an upper
+            bound too: a run counts it at its labelled targets).
         passes: forward passes per step over all ranks (micro-batches).
         world_size: GPUs.
         peak_tflops: one GPU's dense bf16 peak.

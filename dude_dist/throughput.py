@@ -3,10 +3,10 @@
     python -c "from dude_dist.throughput import peak_tflops; print(peak_tflops('NVIDIA H100 80GB HBM3'))"
 
 Counted per real (non-padding) token, ``N`` the elements of every frozen weight that
-multiplies each token (all Linear layers of the decoder and the LM head; embeddings are
-lookups)::
+multiplies each token (all Linear layers of the decoder; embeddings are lookups; the LM
+head, ``V h``, is counted per labelled target, below)::
 
-    frozen weights   forward 2N + input-gradient backward 2N (+ 2N' recompute)
+    frozen weights   forward 2N + input-gradient backward 2N (+ 2N recompute)
     DuDe [out, in]   x A^T and (x A^T) B^T: forward 2r(in+out), backward 4r(in+out)
                      (input and weight gradients of A and B) (+ 2r(in+out) recompute);
                      adapter.recompute adds 2 in out (x W_f^T rebuilt in backward)
@@ -16,8 +16,8 @@ lookups)::
 
 and per forward pass (micro-batch), not per token, the row norms of each DuDe layer:
 ``W_f A^T`` (2 r in out) forward, and its gradient for ``A`` (2 r in out) with
-``norm_grad: exact``, both again on recompute. ``N'`` is ``N`` without the LM head, which
-activation checkpointing does not recompute. Two small over-counts, accepted to keep the
+``norm_grad: exact``, both again on recompute; activation checkpointing does not
+recompute the LM head. Two small over-counts, accepted to keep the
 count model-independent: torch's non-reentrant checkpoint stops recomputing a layer once
 its saved tensors are back, so the layer's last frozen matmul (the MLP down projection,
 which saves nothing) is not run again; and the first layer's frozen projections need no
@@ -28,12 +28,14 @@ usual ``6N`` (full fine-tuning: forward 2N, backward 4N) counts 2N per token of 
 adapter training never does. Divided by the same step time, it reports 1.5x the true MFU
 without activation checkpointing; with checkpointing ``6N`` happens to equal forward,
 backward and recompute, but then only by counting the recompute as model work, which
-this count does too (it states what the hardware executes). Attention is counted per
+this count does too (the step must run it). Attention is counted per
 sample, so a packed row of short samples costs what the samples cost, not a full
 ``max_seq_len`` square. The LM head (forward and input-gradient backward, ``4 V h``) is
-counted at the labelled targets only: those are the logits the loss needs and the ones
-:mod:`dude_dist.loss` computes for a packed row; a padded batch's prompt positions after
-its first label, computed too, are not counted, as its padding is not.
+counted at the labelled targets only: model FLOPs count the work the loss needs, as they
+leave padding out. :mod:`dude_dist.loss` computes logits at exactly those positions for a
+micro-batch of one packed row; wider sets it also computes (the union of several rows'
+labelled positions, a padded batch's slice from its first label, all positions for a
+model without ``logits_to_keep``) are executed but not counted.
 """
 
 from __future__ import annotations
@@ -87,8 +89,9 @@ class FlopModel:
     """What one token, one sample and one forward pass cost (see the module docstring).
 
     Attributes:
-        frozen: ``N``, elements of the frozen weights every token is multiplied by.
-        head: elements of the LM head (part of ``frozen``; not recomputed).
+        frozen: elements of the frozen weights every token is multiplied by, the LM head
+            included (``N`` plus ``head``; what a ``6N`` count takes).
+        head: elements of the LM head (part of ``frozen``; counted per target, not recomputed).
         adapter: ``sum 2 r (in + out)`` over DuDe layers: forward flops per token.
         rebuilt: ``sum 2 in out`` over DuDe layers with ``recompute``: flops per token in backward.
         norms: ``sum 2 r in out`` over DuDe layers: row-norm forward flops per pass.

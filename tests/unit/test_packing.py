@@ -276,6 +276,10 @@ def test_packed_rows_compute_logits_only_at_their_labelled_targets(stories_path,
     assert loss_inputs(gaps, keep_logits="last").positions is None
     assert loss_inputs(gaps, keep_logits="positions").positions is not None
     assert loss_inputs(gaps, device="meta").positions.is_meta
+    # A single labelled position is sliced from: a 1-element tensor could pass for a count.
+    one = {"input_ids": torch.arange(1, 7)[None], "attention_mask": torch.ones(1, 6, dtype=torch.long),
+           "labels": torch.tensor([[-100, -100, 5, -100, -100, -100]])}
+    assert loss_inputs(one).positions is None and loss_inputs(one).first == 1
     with pytest.raises(ValueError, match="keep_logits must be a bool, 'last' or 'positions', got 'all'"):
         loss_inputs(gaps, keep_logits="all")
 
