@@ -62,6 +62,7 @@ from torch import nn
 from dude_dist.adapters import find_targets, inject_dude, set_trainable_params
 from dude_dist.config import DTYPES, DudeConfig, RunConfig, batch_layout
 from dude_dist.errors import ConfigError, PlanError, read_json
+from dude_dist.loss import LOSS_CHUNK_ELEMENTS
 from dude_dist.models import resolve_model_path
 from dude_dist.sharded_init import plan_init
 from dude_dist.svd_init import measure_svd_gflops, svd_cost
@@ -72,7 +73,6 @@ ADAM_STATE_BYTES = 12  # fp32 master + exp_avg + exp_avg_sq
 FP32_GRAD_BYTES = 4
 SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's zero_optimization.sub_group_size default
 MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters default
-LOGIT_BYTES = 14  # per logit: bf16 logits, their fp32 upcast, the fp32 log-softmax and its gradient
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 DEFAULT_PEAK_TFLOPS = 989.0  # H100/H200 SXM, dense bf16 (dude_dist.throughput.PEAK_TFLOPS)
 DEFAULT_MFU = 0.4
@@ -268,8 +268,9 @@ def activation_bytes(facts: dict, micro_batch_size: int, seq_len: int, dtype_byt
     Llama-2-70B-wide layer in bf16: 258 MiB at 512 tokens and 512 MiB at 1024 for the whole
     step, against 252 and 504 MiB from this count; benchmarks/scale.py). With checkpointing only each layer's input survives the
     forward (``checkpoints = L * t * h * b``) plus one recomputed layer; without it, all
-    ``L`` layers are kept. ``logits = t * V * 14``: bf16 logits, the loss's fp32 upcast, its
-    fp32 log-softmax and the fp32 gradient.
+    ``L`` layers are kept. ``logits = 2 * t * V * b + 8 * min(t * V, chunk)``: the logits and
+    their gradient in the model's dtype, and the loss's float32 work on one chunk of rows
+    (:func:`dude_dist.loss.summed_cross_entropy`; ``chunk`` = ``LOSS_CHUNK_ELEMENTS``).
     """
     h = facts["hidden_size"]
     heads = facts["num_attention_heads"]
@@ -285,7 +286,8 @@ def activation_bytes(facts: dict, micro_batch_size: int, seq_len: int, dtype_byt
         kept = {"checkpoints": n_layers * tokens * h * dtype_bytes, "recompute_layer": layer}
     else:
         kept = {"checkpoints": 0, "recompute_layer": n_layers * layer}
-    kept["logits"] = tokens * facts["vocab_size"] * LOGIT_BYTES
+    logits = tokens * facts["vocab_size"]
+    kept["logits"] = 2 * logits * dtype_bytes + 8 * min(logits, LOSS_CHUNK_ELEMENTS)
     return kept
 
 

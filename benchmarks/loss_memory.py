@@ -1,0 +1,114 @@
+"""Peak memory and time of the loss over a large vocabulary: the chunked summed cross-entropy
+(``dude_dist.loss.summed_cross_entropy``) against ``F.cross_entropy(logits.float())``.
+
+    python benchmarks/loss_memory.py                      # Qwen2.5's vocabulary, 2048 tokens, bf16 (~1 min)
+    python benchmarks/loss_memory.py --tokens 512 --vocab 32000 --dtype float32
+
+Each way runs in a fresh process: bf16 logits ``[tokens, vocab]`` that require a gradient
+(standing in for the LM head's output), then the summed loss, its backward, and the
+gradient. Measured: the process's peak resident memory above what it held once the logits
+existed (``VmHWM`` after a reset, Linux), and the median seconds of forward + backward over
+``--repeats`` runs after one warm-up. On a CPU this is host memory; the same tensors are
+what the loss adds to a GPU's peak. ``planned`` is the planner's figure for the loss
+(``dude_dist.planner.activation_bytes``: logits and gradient, one chunk's float32 work)
+less the logits themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import mib, reset_peak_rss, status_bytes, write_results  # noqa: E402
+
+WAYS = ("chunked", "upcast")
+
+
+def measure(way: str, tokens: int, vocab: int, dtype_name: str, repeats: int) -> dict:
+    """One way, in this process: peak bytes above the logits' and median seconds."""
+    import torch
+    import torch.nn.functional as F
+
+    from dude_dist.loss import IGNORE_INDEX, summed_cross_entropy
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype_name)
+    logits = (3 * torch.randn(tokens, vocab, dtype=dtype)).requires_grad_(True)
+    labels = torch.randint(0, vocab, (tokens,))
+    labels[: tokens // 3] = IGNORE_INDEX  # a prompt's share of positions
+
+    def loss_fn() -> torch.Tensor:
+        if way == "chunked":
+            return summed_cross_entropy(logits, labels)
+        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def once() -> float:
+        logits.grad = None
+        start = time.perf_counter()
+        loss_fn().backward()
+        return time.perf_counter() - start
+
+    once()  # warm-up, outside the peak
+    logits.grad = None
+    base = status_bytes()["VmRSS"]
+    reset_peak_rss()
+    first = once()
+    peak = status_bytes()["VmHWM"] - base
+    seconds = [first] + [once() for _ in range(repeats - 1)]
+    return {"way": way, "peak_bytes": peak, "seconds": statistics.median(seconds),
+            "logit_bytes": logits.numel() * logits.element_size()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=152064)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--worker", choices=WAYS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.tokens < 1 or args.vocab < 2 or args.repeats < 1:
+        parser.error(f"--tokens >= 1, --vocab >= 2 and --repeats >= 1, got {args.tokens}, {args.vocab}, "
+                     f"{args.repeats}")
+    if args.worker:
+        print(json.dumps(measure(args.worker, args.tokens, args.vocab, args.dtype, args.repeats)))
+        return 0
+    from dude_dist.loss import LOSS_CHUNK_ELEMENTS
+
+    records = []
+    for way in WAYS:
+        cmd = [sys.executable, __file__, "--worker", way, "--tokens", str(args.tokens), "--vocab", str(args.vocab),
+               "--dtype", args.dtype, "--repeats", str(args.repeats)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            print(f"error: the {way} loss failed (exit {done.returncode}): {tail}", file=sys.stderr)
+            return 1
+        records.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    dtype_bytes = 2 if args.dtype == "bfloat16" else 4
+    n = args.tokens * args.vocab
+    planned = n * dtype_bytes + 8 * min(n, LOSS_CHUNK_ELEMENTS)  # the plan's count less the logits themselves
+    upcast = next(r for r in records if r["way"] == "upcast")
+    rows = [[r["way"], mib(r["peak_bytes"]), round(r["peak_bytes"] / r["logit_bytes"], 2),
+             mib(planned) if r["way"] == "chunked" else "—", round(r["seconds"], 3),
+             round(upcast["seconds"] / r["seconds"], 2)] for r in records]
+    columns = ["loss", "peak above the logits MiB", "× the logits", "planned MiB (the same)", "fwd+bwd s", "speed × upcast"]
+    write_results("loss_memory", title=f"Loss memory: {args.tokens} tokens × {args.vocab} vocabulary, {args.dtype}",
+                  settings=vars(args) | {"chunk_elements": LOSS_CHUNK_ELEMENTS}, records=records,
+                  tables={"": (columns, rows)},
+                  notes=["chunked: dude_dist.loss.summed_cross_entropy (what training uses); upcast: "
+                         "F.cross_entropy(logits.float(), reduction='sum').",
+                         "peak: VmHWM above the resident memory once the logits existed, so it counts the "
+                         "gradient and everything the loss made; one process per way."])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The summed cross-entropy of dude_dist/loss.py: F.cross_entropy's value and gradient,
+computed a chunk of rows at a time, keeping only the logits for the backward.
+
+    OMP_NUM_THREADS=1 python -m pytest tests/unit/test_loss.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dude_dist.loss import IGNORE_INDEX, summed_cross_entropy
+
+
+def logits_and_labels(rows: int = 13, vocab: int = 37, dtype=torch.float64, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (4 * torch.randn(rows, vocab, generator=gen)).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    labels[[0, 5, 6]] = IGNORE_INDEX  # prompt positions, and two in a row
+    return logits, labels
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 37 * 4, 10**9])  # a row, 4 rows (a short last chunk), all
+def test_summed_cross_entropy_is_cross_entropy_in_float64(chunk_elements):
+    logits, labels = logits_and_labels()
+    reference = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    expected = torch.autograd.grad(reference * 0.7, logits)[0]
+    loss = summed_cross_entropy(logits, labels, chunk_elements)
+    grad = torch.autograd.grad(loss * 0.7, logits)[0]  # an upstream gradient other than 1
+    assert loss.dtype == torch.float64  # float64 logits are worked on in float64
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-14)
+    assert torch.allclose(grad, expected, rtol=1e-12, atol=1e-15)
+    assert grad[[0, 5, 6]].abs().max() == 0  # ignored positions get no gradient
+
+
+def test_summed_cross_entropy_passes_gradcheck_over_chunks():
+    logits, labels = logits_and_labels(rows=8, vocab=7)
+    assert torch.autograd.gradcheck(lambda x: summed_cross_entropy(x, labels, 14), (logits,))  # 2 rows a chunk
+
+
+def test_summed_cross_entropy_in_bf16_matches_the_float32_upcast():
+    logits, labels = logits_and_labels(rows=64, vocab=300, dtype=torch.bfloat16, seed=1)
+    reference = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    expected = torch.autograd.grad(reference, logits)[0]
+    loss = summed_cross_entropy(logits, labels, 300 * 5)
+    grad = torch.autograd.grad(loss, logits)[0]
+    assert grad.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    # both round the same float32 gradient to bf16 once: equal but for a last bit here and there
+    differ = (grad.float() - expected.float()).abs() > 2**-8 * expected.float().abs()
+    assert differ.float().mean() < 1e-3
+
+
+def test_summed_cross_entropy_keeps_only_the_logits_for_backward():
+    logits, labels = logits_and_labels(rows=64, vocab=300, dtype=torch.bfloat16)
+
+    def saved_bytes(fn) -> int:
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(saved)
+
+    ours = saved_bytes(lambda: summed_cross_entropy(logits, labels, 300 * 5))
+    # the logits (2 bytes each) and, per row, the label, its mask, the float32 maximum and log-sum-exp
+    assert ours == logits.numel() * 2 + 64 * (8 + 1 + 4 + 4)
+    upcast = saved_bytes(lambda: F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX,
+                                                 reduction="sum"))
+    assert upcast >= logits.numel() * 4  # the float32 log-softmax of every logit
+
+
+def test_summed_cross_entropy_of_no_rows_is_zero_with_a_gradient():
+    logits = torch.zeros(0, 5, requires_grad=True)
+    loss = summed_cross_entropy(logits, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad.shape == (0, 5)
+
+
+def test_summed_cross_entropy_keeps_a_confident_small_loss_precise_at_large_logits():
+    # logits near 1000 (float32 spacing 6e-5 there) whose losses are ~1e-3: shifting each row
+    # by its maximum before rounding keeps them; a log-sum-exp taken at 1000 would not
+    gen = torch.Generator().manual_seed(2)
+    logits = 1000 + torch.randn(32, 50, generator=gen)
+    labels = torch.randint(0, 50, (32,), generator=gen)
+    logits[torch.arange(32), labels] += 10.0
+    reference = F.cross_entropy(logits.double(), labels, reduction="sum").item()
+    assert 1e-3 < reference / 32 < 1e-2
+    assert summed_cross_entropy(logits, labels, 50 * 8).item() == pytest.approx(reference, rel=1e-5)
