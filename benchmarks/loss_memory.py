@@ -1,17 +1,17 @@
 """Peak memory and time of the loss over a large vocabulary: the chunked summed cross-entropy
 (``dude_dist.loss.summed_cross_entropy``) against ``F.cross_entropy(logits.float())``.
 
-    python benchmarks/loss_memory.py                      # Qwen2.5's vocabulary, 2048 tokens, bf16 (~1 min)
-    python benchmarks/loss_memory.py --tokens 512 --vocab 32000 --dtype float32
+    python benchmarks/loss_memory.py                      # Qwen2.5's vocabulary, 2048 tokens, bf16 (~30 s)
+    python benchmarks/loss_memory.py --tokens 512 --vocab 32000 --dtype float32 --name loss_memory_f32
 
-Each way runs in a fresh process: bf16 logits ``[tokens, vocab]`` that require a gradient
-(standing in for the LM head's output), then the summed loss, its backward, and the
-gradient. Measured: the process's peak resident memory above what it held once the logits
+Each way runs in a fresh process: logits ``[tokens, vocab]`` in ``--dtype`` that require a
+gradient (standing in for the LM head's output), then the summed loss, its backward, and
+the gradient. Results go to ``benchmarks/results/<--name>.{json,md}``. Measured: the process's peak resident memory above what it held once the logits
 existed (``VmHWM`` after a reset, Linux), and the median seconds of forward + backward over
 ``--repeats`` runs after one warm-up. On a CPU this is host memory; the same tensors are
 what the loss adds to a GPU's peak. ``planned`` is the planner's figure for the loss
-(``dude_dist.planner.activation_bytes``: logits and gradient, one chunk's float32 work)
-less the logits themselves.
+(``dude_dist.planner.logit_bytes``: logits and gradient, one float32 chunk) less the
+logits themselves.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import mib, reset_peak_rss, status_bytes, write_results  # noqa: E402
+from benchmarks.common import mib, reset_peak_rss, status_bytes, wait_for_quiet, write_results  # noqa: E402
 
 WAYS = ("chunked", "upcast")
 
@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=152064)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--name", default="loss_memory", help="results file stem")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="wait up to this long for an idle CPU before each way")
     parser.add_argument("--worker", choices=WAYS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tokens < 1 or args.vocab < 2 or args.repeats < 1:
@@ -80,10 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(measure(args.worker, args.tokens, args.vocab, args.dtype, args.repeats)))
         return 0
+    try:
+        return compare(args)
+    except KeyboardInterrupt:
+        print("interrupted; no results written", file=sys.stderr)
+        return 130
+
+
+def compare(args: argparse.Namespace) -> int:
     from dude_dist.loss import LOSS_CHUNK_ELEMENTS
+    from dude_dist.planner import logit_bytes
 
     records = []
     for way in WAYS:
+        wait_for_quiet(timeout=args.wait_quiet)
         cmd = [sys.executable, __file__, "--worker", way, "--tokens", str(args.tokens), "--vocab", str(args.vocab),
                "--dtype", args.dtype, "--repeats", str(args.repeats)]
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -93,14 +106,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         records.append(json.loads(done.stdout.strip().splitlines()[-1]))
     dtype_bytes = 2 if args.dtype == "bfloat16" else 4
-    n = args.tokens * args.vocab
-    planned = n * dtype_bytes + 8 * min(n, LOSS_CHUNK_ELEMENTS)  # the plan's count less the logits themselves
+    planned = logit_bytes(args.tokens, args.vocab, dtype_bytes) - args.tokens * args.vocab * dtype_bytes
     upcast = next(r for r in records if r["way"] == "upcast")
     rows = [[r["way"], mib(r["peak_bytes"]), round(r["peak_bytes"] / r["logit_bytes"], 2),
              mib(planned) if r["way"] == "chunked" else "—", round(r["seconds"], 3),
              round(upcast["seconds"] / r["seconds"], 2)] for r in records]
     columns = ["loss", "peak above the logits MiB", "× the logits", "planned MiB (the same)", "fwd+bwd s", "speed × upcast"]
-    write_results("loss_memory", title=f"Loss memory: {args.tokens} tokens × {args.vocab} vocabulary, {args.dtype}",
+    write_results(args.name, title=f"Loss memory: {args.tokens} tokens × {args.vocab} vocabulary, {args.dtype}",
                   settings=vars(args) | {"chunk_elements": LOSS_CHUNK_ELEMENTS}, records=records,
                   tables={"": (columns, rows)},
                   notes=["chunked: dude_dist.loss.summed_cross_entropy (what training uses); upcast: "

@@ -165,7 +165,7 @@ class _SummedCrossEntropy(torch.autograd.Function):
     logit at the peak (4 GiB for Qwen2.5-32B at 2048 tokens). Here only the logits
     themselves are kept, with each row's maximum and log-sum-exp; the backward rebuilds the
     softmax a chunk at a time and writes the gradient in the logits' dtype: 4 bytes per
-    bf16 logit plus one chunk's float32 work. As in ``log_softmax``, every row is shifted by
+    bf16 logit plus one float32 chunk (:data:`LOSS_CHUNK_ELEMENTS`). As in ``log_softmax``, every row is shifted by
     its maximum before anything is rounded at the logits' magnitude, so a confident
     prediction's small loss keeps its precision.
     """
@@ -173,7 +173,7 @@ class _SummedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, rows: int) -> torch.Tensor:
         valid = labels != IGNORE_INDEX
-        picked = labels.clamp_min(0)
+        picked = labels.masked_fill(~valid, 0)  # any other negative label still fails in gather
         work = torch.promote_types(logits.dtype, torch.float32)
         top = torch.empty(logits.shape[0], dtype=work, device=logits.device)  # row maxima
         lse = torch.empty_like(top)  # log-sum-exp of the shifted row
@@ -183,14 +183,15 @@ class _SummedCrossEntropy(torch.autograd.Function):
             shifted = logits[start:end].to(work, copy=True)
             top[start:end] = shifted.amax(dim=-1)
             shifted.sub_(top[start:end, None])
-            lse[start:end] = shifted.exp().sum(dim=-1).log_()
-            nll = lse[start:end] - shifted.gather(1, picked[start:end, None]).squeeze(1)
-            total += nll.masked_fill(~valid[start:end], 0.0).sum()
+            target = shifted.gather(1, picked[start:end, None]).squeeze(1)
+            lse[start:end] = shifted.exp_().sum(dim=-1).log_()  # the chunk is one float32 buffer
+            total += (lse[start:end] - target).masked_fill(~valid[start:end], 0.0).sum()
         ctx.save_for_backward(logits, picked, valid, top, lse)
         ctx.rows = rows
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         logits, picked, valid, top, lse = ctx.saved_tensors
         out = torch.empty_like(logits)

@@ -249,6 +249,14 @@ def persistent_params(model: nn.Module, threshold: int, trainable_whole: bool = 
 # --------------------------------------------------------------------------- memory
 
 
+def logit_bytes(tokens: int, vocab: int, dtype_bytes: int) -> int:
+    """What the loss holds at its peak: the logits and their gradient in the model's dtype,
+    and one float32 chunk of rows (:func:`dude_dist.loss.summed_cross_entropy`;
+    ``LOSS_CHUNK_ELEMENTS``): ``2 t V b + 4 min(t V, chunk)``."""
+    logits = tokens * vocab
+    return 2 * logits * dtype_bytes + 4 * min(logits, LOSS_CHUNK_ELEMENTS)
+
+
 def activation_bytes(facts: dict, micro_batch_size: int, seq_len: int, dtype_bytes: int,
                      dude_values_per_layer: int, gradient_checkpointing: bool = True) -> dict[str, int]:
     """Activation memory of one rank for one micro-batch (an estimate, documented here).
@@ -268,9 +276,7 @@ def activation_bytes(facts: dict, micro_batch_size: int, seq_len: int, dtype_byt
     Llama-2-70B-wide layer in bf16: 258 MiB at 512 tokens and 512 MiB at 1024 for the whole
     step, against 252 and 504 MiB from this count; benchmarks/scale.py). With checkpointing only each layer's input survives the
     forward (``checkpoints = L * t * h * b``) plus one recomputed layer; without it, all
-    ``L`` layers are kept. ``logits = 2 * t * V * b + 8 * min(t * V, chunk)``: the logits and
-    their gradient in the model's dtype, and the loss's float32 work on one chunk of rows
-    (:func:`dude_dist.loss.summed_cross_entropy`; ``chunk`` = ``LOSS_CHUNK_ELEMENTS``).
+    ``L`` layers are kept. ``logits``: :func:`logit_bytes`.
     """
     h = facts["hidden_size"]
     heads = facts["num_attention_heads"]
@@ -286,8 +292,7 @@ def activation_bytes(facts: dict, micro_batch_size: int, seq_len: int, dtype_byt
         kept = {"checkpoints": n_layers * tokens * h * dtype_bytes, "recompute_layer": layer}
     else:
         kept = {"checkpoints": 0, "recompute_layer": n_layers * layer}
-    logits = tokens * facts["vocab_size"]
-    kept["logits"] = 2 * logits * dtype_bytes + 8 * min(logits, LOSS_CHUNK_ELEMENTS)
+    kept["logits"] = logit_bytes(tokens, facts["vocab_size"], dtype_bytes)
     return kept
 
 
