@@ -105,9 +105,9 @@ def compare(args: argparse.Namespace) -> int:
             print(f"error: the {way} loss failed (exit {done.returncode}): {tail}", file=sys.stderr)
             return 1
         records.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    dtype_bytes = 2 if args.dtype == "bfloat16" else 4
-    planned = logit_bytes(args.tokens, args.vocab, dtype_bytes) - args.tokens * args.vocab * dtype_bytes
-    upcast = next(r for r in records if r["way"] == "upcast")
+    chunked, upcast = (next(r for r in records if r["way"] == way) for way in WAYS)
+    logits = args.tokens * args.vocab
+    planned = logit_bytes(args.tokens, args.vocab, chunked["logit_bytes"] // logits) - chunked["logit_bytes"]
     rows = [[r["way"], mib(r["peak_bytes"]), round(r["peak_bytes"] / r["logit_bytes"], 2),
              mib(planned) if r["way"] == "chunked" else "—", round(r["seconds"], 3),
              round(upcast["seconds"] / r["seconds"], 2)] for r in records]

@@ -627,16 +627,17 @@ class RowCounts:
     targets: np.ndarray
     square_lengths: np.ndarray
 
-    def shape(self, micro_batches: Sequence[Sequence[int]]) -> tuple[int, int, int]:
-        """Real tokens, token slots (each micro-batch padded to its longest row) and summed
-        squared sample lengths of the rows ``micro_batches`` name."""
-        tokens = slots = square = 0
+    def shape(self, micro_batches: Sequence[Sequence[int]]) -> tuple[int, int, int, int]:
+        """Real tokens, token slots (each micro-batch padded to its longest row), summed
+        squared sample lengths and labelled targets of the rows ``micro_batches`` name."""
+        tokens = slots = square = targets = 0
         for rows in micro_batches:
             lengths = self.tokens[list(rows)]
             tokens += int(lengths.sum())
             slots += len(rows) * int(lengths.max(initial=0))
             square += int(self.square_lengths[list(rows)].sum())
-        return tokens, slots, square
+            targets += int(self.targets[list(rows)].sum())
+        return tokens, slots, square, targets
 
 
 def row_counts(ds: datasets.Dataset) -> RowCounts:

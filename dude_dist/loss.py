@@ -122,9 +122,9 @@ def loss_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | Non
             too, at the price of a sync).
         device: where the model runs (None: leave the tensors where they are).
         keep_logits: compute logits only where there are labels: :data:`KEEP_POSITIONS`
-            (or True: transformers' causal LMs) at the labelled positions, :data:`KEEP_LAST` from the first labelled
-            position on (a model whose ``logits_to_keep`` is a count only,
-            :func:`logits_to_keep_support`), False everywhere.
+            (or True: transformers' causal LMs) at the labelled positions, :data:`KEEP_LAST`
+            from the first labelled position on (a model whose ``logits_to_keep`` is a count
+            only, :func:`logits_to_keep_support`), False everywhere.
         attn_implementation: ``model.attn_implementation``; packed rows carry the
             cumulative sequence lengths (:func:`varlen_kwargs`) on the host for ``sdpa``, on
             ``device`` for ``flash_attention_2``, and none for ``eager`` (transformers'

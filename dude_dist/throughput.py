@@ -191,7 +191,7 @@ class StepThroughput:
     Args:
         model: the trained model (shapes only; a ZeRO-3 partitioned one works).
         sampler: the run's :class:`dude_dist.sampler.StepSampler`.
-        counts: the training rows' host-side counts (``shape(indices)`` -> tokens, slots, sum n^2).
+        counts: the training rows' host-side counts (``shape(indices)`` -> tokens, slots, sum n^2, targets).
         world_size: ranks.
         device: this rank's device (a CUDA device's bf16 peak gives ``train/mfu``).
         checkpointing: activation checkpointing recomputes the decoder layers.
@@ -222,7 +222,6 @@ class StepThroughput:
         """Real tokens/s, padding ratio, model TFLOP/s per device and MFU of step ``step``
         (0-based), over every rank's micro-batches."""
         micro = [m for rank in range(self.world) for m in self.sampler.micro_batches(step, rank)]
-        tokens, slots, square = self.counts.shape(micro)
-        targets = int(sum(self.counts.targets[list(rows)].sum() for rows in micro))
+        tokens, slots, square, targets = self.counts.shape(micro)
         flops = self.flop_model.step_flops(tokens, square, len(micro), logits=targets)
         return throughput_scalars(flops, tokens, slots, seconds, self.world, self.peak)

@@ -126,10 +126,11 @@ def test_row_counts_match_what_the_loss_counts(gsm8k):
 def test_counts_shape_pads_each_micro_batch_to_its_longest_row(gsm8k):
     plain, _ = gsm8k
     lengths = plain.counts.tokens
-    tokens, slots, square = plain.counts.shape([[0, 1], [2]])
+    tokens, slots, square, targets = plain.counts.shape([[0, 1], [2]])
     assert tokens == lengths[:3].sum()
     assert slots == 2 * max(lengths[0], lengths[1]) + lengths[2]
     assert square == (lengths[:3] ** 2).sum()
+    assert targets == plain.counts.targets[:3].sum() > 0
 
 
 # --------------------------------------------------------------------------- collation
