@@ -19,7 +19,7 @@ limit and a ``PASS``/``FAIL`` line:
     image does not meet.
 ``numerics``
     pytest ``tests/unit/test_dude.py`` (float64 references, bf16 module) and
-    ``tests/unit/test_bf16.py`` with ``DUDE_TEST_DEVICE=cuda``.
+    ``tests/unit/test_bf16.py`` and ``tests/unit/test_loss.py`` with ``DUDE_TEST_DEVICE=cuda``.
 ``zero3_resume``
     ``launch/train.py`` on ``configs/tiny_cpu.yaml`` (stories260K, GSM8K, fp32) under
     ``torch.distributed.run``, 1 rank, NCCL, ZeRO-3 with ``stage3_param_persistence_threshold=0``
@@ -427,10 +427,11 @@ def stage_setup(run: Run, stage: Stage) -> None:
 
 def stage_numerics(run: Run, stage: Stage) -> None:
     files = ["tests/unit/test_dude.py"]
-    if (ROOT / "tests" / "unit" / "test_bf16.py").is_file():
-        files.append("tests/unit/test_bf16.py")
-    else:
-        stage.notes.append("tests/unit/test_bf16.py is absent: only test_dude.py ran")
+    for name in ("test_bf16.py", "test_loss.py"):
+        if (ROOT / "tests" / "unit" / name).is_file():
+            files.append(f"tests/unit/{name}")
+        else:
+            stage.notes.append(f"tests/unit/{name} is absent: it did not run")
     xml = run.work / "numerics.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rfE",
            f"--junitxml={xml}", *files]

@@ -178,13 +178,14 @@ class _SummedCrossEntropy(torch.autograd.Function):
         top = torch.empty(logits.shape[0], dtype=work, device=logits.device)  # row maxima
         lse = torch.empty_like(top)  # log-sum-exp of the shifted row
         total = torch.zeros((), dtype=work, device=logits.device)
+        buf = torch.empty((min(rows, logits.shape[0]), logits.shape[1]), dtype=work, device=logits.device)
         for start in range(0, logits.shape[0], rows):
             end = start + rows
-            shifted = logits[start:end].to(work, copy=True)
-            top[start:end] = shifted.amax(dim=-1)
-            shifted.sub_(top[start:end, None])
+            chunk = logits[start:end]
+            top[start:end] = chunk.amax(dim=-1)  # exact in the logits' dtype
+            shifted = _shifted(chunk, top[start:end], buf)
             target = shifted.gather(1, picked[start:end, None]).squeeze(1)
-            lse[start:end] = shifted.exp_().sum(dim=-1).log_()  # the chunk is one float32 buffer
+            lse[start:end] = shifted.exp_().sum(dim=-1).log_()
             total += (lse[start:end] - target).masked_fill(~valid[start:end], 0.0).sum()
         ctx.save_for_backward(logits, picked, valid, top, lse)
         ctx.rows = rows
@@ -195,13 +196,29 @@ class _SummedCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         logits, picked, valid, top, lse = ctx.saved_tensors
         out = torch.empty_like(logits)
+        shift = top + lse  # log of each row's softmax denominator
+        weight = valid.to(lse.dtype) * grad  # the upstream gradient of each row's loss
+        buf = torch.empty((min(ctx.rows, logits.shape[0]), logits.shape[1]), dtype=lse.dtype, device=logits.device)
         for start in range(0, logits.shape[0], ctx.rows):
             end = start + ctx.rows
-            soft = logits[start:end].to(lse.dtype, copy=True).sub_(top[start:end, None]).sub_(lse[start:end, None]).exp_()
+            chunk = logits[start:end]
+            soft = _shifted(chunk, shift[start:end], buf).exp_()
             soft.scatter_add_(1, picked[start:end, None], soft.new_full((soft.shape[0], 1), -1.0))
-            soft.mul_((valid[start:end].to(lse.dtype) * grad)[:, None])
-            out[start:end] = soft
+            if out.dtype == soft.dtype:
+                torch.mul(soft, weight[start:end, None], out=out[start:end])
+            else:  # a multiply into another dtype takes a slower path than this cast
+                out[start:end] = soft.mul_(weight[start:end, None])
         return out, None, None
+
+
+def _shifted(chunk: torch.Tensor, shift: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """``chunk - shift[:, None]`` in ``buf``'s dtype, written into the first rows of ``buf``:
+    one pass in the same dtype; a cast copy first otherwise (a subtraction into another
+    dtype takes a slower path)."""
+    out = buf[: chunk.shape[0]]
+    if chunk.dtype == buf.dtype:
+        return torch.sub(chunk, shift[:, None], out=out)
+    return out.copy_(chunk).sub_(shift[:, None])
 
 
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int = LOSS_CHUNK_ELEMENTS

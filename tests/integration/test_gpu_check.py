@@ -48,7 +48,8 @@ def test_every_stage_passes_and_says_so(dry):
 
 def test_numerics_ran_the_dude_tests(dry):
     figures = dry["stages"]["numerics"]["figures"]
-    assert figures["device"] == "cpu" and "tests/unit/test_dude.py" in figures["files"]
+    assert figures["device"] == "cpu" and figures["files"] == ["tests/unit/test_dude.py", "tests/unit/test_bf16.py",
+                                                                "tests/unit/test_loss.py"]
     assert figures["passed"] >= 15 and figures["failed_tests"] == []
 
 

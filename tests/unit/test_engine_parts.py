@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dude_dist.config import ConfigError, RunConfig, TrainConfig, batch_layout
 from dude_dist.config_loader import load_config
@@ -333,3 +334,14 @@ def test_loss_inputs_count_on_the_host_and_keep_logits_from_the_first_label(stor
         token_loss_sum(forward, batch, keep_logits=False)
         assert kept[-1] is None
     assert short.item() == pytest.approx(full.item(), rel=1e-6)
+    # The attention mask reaches the model: with left padding the pads would otherwise be
+    # attended to by every real token.
+    left_mask = torch.ones_like(ids)
+    left_mask[0, :3] = 0  # row 0 left-padded; its labels start at position 6
+    left = {"input_ids": ids, "attention_mask": left_mask, "labels": labels}
+    with torch.no_grad():
+        got = summed_loss(model, loss_inputs(left, keep_logits=False)).item()
+        expected, unmasked = (F.cross_entropy(model(input_ids=ids, attention_mask=m).logits[:, :-1].flatten(0, 1),
+                                              left["labels"][:, 1:].flatten(), reduction="sum").item()
+                              for m in (left["attention_mask"], None))
+    assert got == pytest.approx(expected, rel=1e-12) and abs(unmasked - expected) > 1e-3

@@ -22,8 +22,9 @@ def logits_and_labels(rows: int = 13, vocab: int = 37, dtype=torch.float64, seed
 
 
 @pytest.mark.parametrize("chunk_elements", [1, 37 * 4, 10**9])  # a row, 4 rows (a short last chunk), all
-def test_summed_cross_entropy_is_cross_entropy_in_float64(chunk_elements):
+def test_summed_cross_entropy_is_cross_entropy_in_float64(chunk_elements, test_device):
     logits, labels = logits_and_labels()
+    logits, labels = logits.detach().to(test_device).requires_grad_(True), labels.to(test_device)
     reference = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
     expected = torch.autograd.grad(reference * 0.7, logits)[0]
     before = logits.detach().clone()
@@ -41,14 +42,15 @@ def test_summed_cross_entropy_passes_gradcheck_over_chunks():
     assert torch.autograd.gradcheck(lambda x: summed_cross_entropy(x, labels, 14), (logits,))  # 2 rows a chunk
 
 
-def test_summed_cross_entropy_in_bf16_matches_the_float32_upcast():
+def test_summed_cross_entropy_in_bf16_matches_the_float32_upcast(test_device):
     logits, labels = logits_and_labels(rows=64, vocab=300, dtype=torch.bfloat16, seed=1)
+    logits, labels = logits.detach().to(test_device).requires_grad_(True), labels.to(test_device)
     reference = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     expected = torch.autograd.grad(reference, logits)[0]
     loss = summed_cross_entropy(logits, labels, 300 * 5)
     # what the backward itself returns (autograd would cast a float32 gradient back to bf16,
     # after making it): the gradient is written in the logits' dtype
-    grad = _SummedCrossEntropy.backward(loss.grad_fn, torch.tensor(1.0))[0]
+    grad = _SummedCrossEntropy.backward(loss.grad_fn, torch.tensor(1.0, device=test_device))[0]
     assert grad.dtype == torch.bfloat16 and loss.dtype == torch.float32
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
     # both round the same float32 gradient to bf16 once: equal but for a last bit here and there
@@ -107,3 +109,34 @@ def test_summed_cross_entropy_is_differentiated_once_only():
     (grad,) = torch.autograd.grad(summed_cross_entropy(logits, labels), logits, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         grad.sum().backward()
+
+
+def test_summed_cross_entropy_shifts_each_row_by_its_own_maximum():
+    """Rows far apart in one chunk (rows at +1000 beside ordinary ones): a
+    shift shared by the chunk would underflow every exp of the lower rows to 0."""
+    logits, labels = logits_and_labels(rows=8, vocab=11)
+    with torch.no_grad():
+        logits[::2] += 1000.0
+    reference = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    expected = torch.autograd.grad(reference, logits)[0]
+    loss = summed_cross_entropy(logits, labels, 10**9)  # one chunk
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-12)
+    assert torch.allclose(torch.autograd.grad(loss, logits)[0], expected, rtol=1e-10, atol=1e-14)
+
+
+def test_summed_cross_entropy_covers_more_rows_than_the_vocabulary():
+    logits, labels = logits_and_labels(rows=40, vocab=5)
+    reference = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    assert summed_cross_entropy(logits, labels, 5).item() == pytest.approx(reference.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize(("chunk_elements", "rows"), [(3, 1), (7, 1), (20, 2), (21, 3), (10**9, 10**9 // 7)])
+def test_summed_cross_entropy_works_whole_rows_within_the_chunk(monkeypatch, chunk_elements, rows):
+    """The chunk is ``chunk_elements // vocab`` rows, at least one: the float32 working memory
+    the planner counts (``planner.logit_bytes``)."""
+    seen = []
+    real = _SummedCrossEntropy.apply
+    monkeypatch.setattr(_SummedCrossEntropy, "apply", lambda *a: seen.append(a[2]) or real(*a))
+    logits, labels = logits_and_labels(rows=10, vocab=7)
+    summed_cross_entropy(logits, labels, chunk_elements)
+    assert seen == [rows]

@@ -281,6 +281,9 @@ def test_packed_rows_compute_logits_only_at_their_labelled_targets(stories_path,
     one = {"input_ids": torch.arange(1, 7)[None], "attention_mask": torch.ones(1, 6, dtype=torch.long),
            "labels": torch.tensor([[-100, -100, 5, -100, -100, -100]])}
     assert loss_inputs(one).positions is None and loss_inputs(one).first == 1
+    # Two labelled positions with a gap are already gathered.
+    two = {**one, "labels": torch.tensor([[-100, -100, 5, -100, 6, -100]])}
+    assert torch.equal(loss_inputs(two).positions, torch.tensor([1, 3])) and loss_inputs(two).first == 1
     with pytest.raises(ValueError, match="keep_logits must be a bool, 'last' or 'positions', got 'all'"):
         loss_inputs(gaps, keep_logits="all")
 
