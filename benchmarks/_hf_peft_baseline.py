@@ -176,10 +176,12 @@ def main(argv=None) -> int:
             "trainable_params": trainable, "losses": timer.losses, "ds_config": ds_config,
         }, indent=1))
     torch.distributed.barrier()
-    # Tear the group down before the interpreter exits: with gloo's threads still alive at
-    # exit a rank can abort ("terminate called without an active exception").
-    torch.distributed.destroy_process_group()
-    return 0
+    # Every rank is done and the result is written: leave without the interpreter's teardown.
+    # With gloo's threads alive at exit a rank could abort ("terminate called without an
+    # active exception"), even after destroy_process_group, and fail a finished run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

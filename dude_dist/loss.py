@@ -196,18 +196,21 @@ class _SummedCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         logits, picked, valid, top, lse = ctx.saved_tensors
         out = torch.empty_like(logits)
-        shift = top + lse  # log of each row's softmax denominator
+        # softmax = exp(logit - top) * exp(-lse): each row is shifted by its maximum alone, so a
+        # confident target's p - 1 keeps its precision (rounding top + lse first would not)
         weight = valid.to(lse.dtype) * grad  # the upstream gradient of each row's loss
+        factor = weight * torch.exp(-lse)
+        minus = (-weight)[:, None]
         buf = torch.empty((min(ctx.rows, logits.shape[0]), logits.shape[1]), dtype=lse.dtype, device=logits.device)
         for start in range(0, logits.shape[0], ctx.rows):
             end = start + ctx.rows
             chunk = logits[start:end]
-            soft = _shifted(chunk, shift[start:end], buf).exp_()
-            soft.scatter_add_(1, picked[start:end, None], soft.new_full((soft.shape[0], 1), -1.0))
-            if out.dtype == soft.dtype:
-                torch.mul(soft, weight[start:end, None], out=out[start:end])
-            else:  # a multiply into another dtype takes a slower path than this cast
-                out[start:end] = soft.mul_(weight[start:end, None])
+            soft = _shifted(chunk, top[start:end], buf).exp_()
+            index = picked[start:end, None]
+            if out.dtype == soft.dtype:  # one pass, then the targets in place
+                torch.mul(soft, factor[start:end, None], out=out[start:end]).scatter_add_(1, index, minus[start:end])
+            else:  # the targets in the work dtype before the cast (a multiply into another dtype is slower)
+                out[start:end] = soft.mul_(factor[start:end, None]).scatter_add_(1, index, minus[start:end])
         return out, None, None
 
 

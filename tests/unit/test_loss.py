@@ -6,6 +6,8 @@ computed a chunk of rows at a time, keeping only the logits for the backward.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,9 +93,17 @@ def test_summed_cross_entropy_keeps_a_confident_small_loss_precise_at_large_logi
     logits = 1000 + torch.randn(32, 50, generator=gen)
     labels = torch.randint(0, 50, (32,), generator=gen)
     logits[torch.arange(32), labels] += 10.0
-    reference = F.cross_entropy(logits.double(), labels, reduction="sum").item()
-    assert 1e-3 < reference / 32 < 1e-2
-    assert summed_cross_entropy(logits, labels, 50 * 8).item() == pytest.approx(reference, rel=1e-5)
+    exact = logits.double().requires_grad_(True)
+    logits.requires_grad_(True)
+    reference = F.cross_entropy(exact, labels, reduction="sum")
+    assert 1e-3 < reference.item() / 32 < 1e-2
+    loss = summed_cross_entropy(logits, labels, 50 * 8)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    # the gradient at each target, p - 1 ~ -1e-3 (a softmax shifted by max + log-sum-exp
+    # rounded at 1000 would be off by 3e-5 absolute there, a few percent)
+    got = torch.autograd.grad(loss, logits)[0][torch.arange(32), labels].double()
+    want = torch.autograd.grad(reference, exact)[0][torch.arange(32), labels]
+    assert torch.allclose(got, want, rtol=2e-4, atol=0), ((got - want) / want).abs().max()
 
 
 def test_summed_cross_entropy_refuses_a_negative_label_other_than_ignore():
@@ -124,10 +134,17 @@ def test_summed_cross_entropy_shifts_each_row_by_its_own_maximum():
     assert torch.allclose(torch.autograd.grad(loss, logits)[0], expected, rtol=1e-10, atol=1e-14)
 
 
-def test_summed_cross_entropy_covers_more_rows_than_the_vocabulary():
+@pytest.mark.parametrize("chunk_elements", [5, 10**9])  # a row at a time, all 40 in one chunk
+def test_summed_cross_entropy_covers_more_rows_than_the_vocabulary(chunk_elements):
     logits, labels = logits_and_labels(rows=40, vocab=5)
     reference = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    assert summed_cross_entropy(logits, labels, 5).item() == pytest.approx(reference.item(), rel=1e-12)
+    expected = torch.autograd.grad(reference, logits)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch resizing an `out=` buffer that was cut too short
+        loss = summed_cross_entropy(logits, labels, chunk_elements)
+        grad = torch.autograd.grad(loss, logits)[0]
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-12)
+    assert torch.allclose(grad, expected, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize(("chunk_elements", "rows"), [(3, 1), (7, 1), (20, 2), (21, 3), (10**9, 10**9 // 7)])
