@@ -632,11 +632,12 @@ class RowCounts:
         squared sample lengths and labelled targets of the rows ``micro_batches`` name."""
         tokens = slots = square = targets = 0
         for rows in micro_batches:
-            lengths = self.tokens[list(rows)]
+            index = list(rows)
+            lengths = self.tokens[index]
             tokens += int(lengths.sum())
-            slots += len(rows) * int(lengths.max(initial=0))
-            square += int(self.square_lengths[list(rows)].sum())
-            targets += int(self.targets[list(rows)].sum())
+            slots += len(index) * int(lengths.max(initial=0))
+            square += int(self.square_lengths[index].sum())
+            targets += int(self.targets[index].sum())
         return tokens, slots, square, targets
 
 

@@ -8,7 +8,7 @@ from tests.helpers import ROOT, proc_env
 
 
 def test_gpu_step_skips_what_its_budget_cannot_hold_and_says_so(tmp_path):
-    """benchmarks/gpu_step.sh runs a stage only with the time it needs left: with 45 s it
+    """benchmarks/gpu_step.sh runs a stage only with the time it needs left: with 35 s it
     skips all four (each named, exit 1) rather than starting one the device limit would cut."""
     copy = tmp_path / "tree"
     (copy / "benchmarks").mkdir(parents=True)  # no .wheels/ here: nothing is installed
