@@ -37,16 +37,22 @@ limit and a ``PASS``/``FAIL`` line:
 ``train_bench``
     ``benchmarks/train.py --nproc 1 --dtype bfloat16 --sizes qwen0.5b-v32k``: dude_dist vs
     HF Trainer + PEFT DoRA+PiSSA vs PEFT LoRA.
+``packing_bench``
+    ``benchmarks/train.py --packing`` on the same model, 1 GPU, bf16: dude_dist on GSM8K at
+    ``max_seq_len`` 1024, padded micro-batches against packed rows, with
+    ``flash_attention_2`` where the ``flash_attn`` package is installed (``sdpa`` otherwise):
+    real tokens/s, padding and fill ratios, and the loss curves.
 
 Results: ``OUT/gpu_check.json`` (every figure) and ``OUT/gpu_check.md`` (the summary),
 rewritten after each stage so that a run cut short keeps what it measured,
-``OUT/gpu_check.log`` (the tail of every stage's log) and the benchmark tables
-``OUT/gpu_layer.{json,md}``, ``OUT/gpu_train.{json,md}``. The exit code is 1 if any stage
-failed. The GPU run is sized to finish in under 8 minutes (``--budget``).
+``OUT/gpu_check.log`` (the tail of every stage's log) and the benchmarks' records
+``OUT/gpu_layer.json``, ``OUT/gpu_train.json``, ``OUT/gpu_packing.json`` (their tables are in
+``gpu_check.md``: a device run returns at most 8 files). The exit code is 1 if any stage
+failed. The GPU run is sized to finish in under 9.5 minutes (``--budget``).
 
 Dry mode (``--dry``, and always when torch sees no CUDA device) runs the same stages on
 CPU with gloo and tiny shapes (a 2-layer Qwen-shaped model of hidden 112, the v_proj
-layer at 64 tokens, stories260K for the end-to-end benchmark), in about 90 s on 2 cores;
+layer at 64 tokens, stories260K for the end-to-end and packing benchmarks), in about 95 s on 2 cores;
 the host-sync count needs CUDA and is not taken there. Its benchmark files are named
 ``gpu_check_dry_*`` and stay in the output folder.
 """
@@ -81,7 +87,7 @@ if str(ROOT) not in sys.path:
 WHEELS = ROOT / ".wheels"
 DEVICE_SHARED = ROOT / ".device" / "shared"
 RESULTS = ROOT / "benchmarks" / "results"
-STAGES = ("setup", "numerics", "zero3_resume", "bf16_sync", "layer_bench", "train_bench")
+STAGES = ("setup", "numerics", "zero3_resume", "bf16_sync", "layer_bench", "train_bench", "packing_bench")
 SYNC_MESSAGE = "synchronizing CUDA operation"
 LOG_TAIL_BYTES = 200_000
 
@@ -106,6 +112,7 @@ class Plan:
     qwen_train: dict[str, Any]  # run config overrides of the bf16 run
     layer_args: tuple[str, ...]
     train_args: tuple[str, ...]
+    packing_args: tuple[str, ...]
     bench_prefix: str
 
     def limit(self, stage: str) -> float:
@@ -113,9 +120,9 @@ class Plan:
 
 
 GPU_PLAN = Plan(
-    name="gpu", budget_s=470.0,
+    name="gpu", budget_s=560.0,
     limits={"setup": 90, "numerics": 120, "zero3_resume": 150, "bf16_sync": 150, "layer_bench": 90,
-            "train_bench": 240},
+            "train_bench": 240, "packing_bench": 150},
     backend="nccl", test_device="cuda", zero3_steps=8, zero3_save=4, resume_tol=1e-4,
     qwen={"layers": 24, "vocab": 32768, "hidden": 896, "heads": 14, "kv_heads": 2, "intermediate": 4864},
     qwen_dir="qwen0.5b-v32k",  # the folder benchmarks/train.py builds and reuses for that size
@@ -124,13 +131,15 @@ GPU_PLAN = Plan(
     layer_args=("--device", "cuda", "--dtype", "bfloat16", "--tokens", "8192", "--repeats", "50", "--warmup", "5"),
     train_args=("--sizes", "qwen0.5b-v32k", "--nproc", "1", "--dtype", "bfloat16", "--steps-large", "12",
                 "--skip-large", "4"),
+    packing_args=("--packing", "--sizes", "qwen0.5b-v32k", "--nproc", "1", "--dtype", "bfloat16", "--modes", "padded",
+                  "packed", "--steps", "12", "--skip-large", "4", "--attn", "auto"),
     bench_prefix="gpu",
 )
 
 DRY_PLAN = Plan(
-    name="dry", budget_s=400.0,
+    name="dry", budget_s=480.0,
     limits={"setup": 60, "numerics": 90, "zero3_resume": 150, "bf16_sync": 90, "layer_bench": 90,
-            "train_bench": 180},
+            "train_bench": 180, "packing_bench": 120},
     backend="gloo", test_device="cpu", zero3_steps=4, zero3_save=2, resume_tol=1e-6,
     qwen={"layers": 2, "vocab": 512, "hidden": 112, "heads": 14, "kv_heads": 2, "intermediate": 304},
     qwen_dir="qwen-shape-h112-l2",
@@ -139,6 +148,8 @@ DRY_PLAN = Plan(
     layer_args=("--device", "cpu", "--dtype", "bfloat16", "--tokens", "64", "--repeats", "2", "--warmup", "1",
                 "--shapes", "v_proj 1024x4096", "--threads", "1"),
     train_args=("--sizes", "stories260K", "--nproc", "1", "--dtype", "bfloat16", "--steps", "3", "--skip", "1"),
+    packing_args=("--packing", "--sizes", "stories260K", "--nproc", "1", "--dtype", "bfloat16", "--modes", "padded",
+                  "packed", "--steps", "3", "--skip", "1", "--attn", "auto"),
     bench_prefix="gpu_check_dry",
 )
 
@@ -576,17 +587,20 @@ def stage_bf16_sync(run: Run, stage: Stage) -> None:
         stage.notes.append("host-sync count needs CUDA (not taken in dry mode)")
 
 
-def _bench(run: Run, stage: Stage, script: str, args: tuple[str, ...], extra: list[str]) -> dict:
-    name = f"{run.plan.bench_prefix}_{script}"
+def _bench(run: Run, stage: Stage, script: str, args: tuple[str, ...], extra: list[str], label: str = "") -> dict:
+    """Run ``benchmarks/<script>.py`` with ``args``: its JSON goes to ``OUT/<prefix>_<label or script>.json``
+    and its Markdown into the stage's figures (pasted into ``gpu_check.md``; a device run
+    returns at most 8 files)."""
+    name = f"{run.plan.bench_prefix}_{label or script}"
     results = run.work / "results"
     cmd = [sys.executable, str(Path(__file__).resolve()), "_bench", script, "--results", str(results), "--",
            *args, *extra, "--name", name]
-    wall = run.run(stage, cmd, f"{script}_bench.log", timeout=min(stage.limit_s, run.remaining()))
+    wall = run.run(stage, cmd, f"{label or script}_bench.log", timeout=min(stage.limit_s, run.remaining()))
     stage.figures["wall_s"] = round(wall, 1)
     data = json.loads((results / f"{name}.json").read_text())
-    for suffix in (".json", ".md"):
-        shutil.copy(results / f"{name}{suffix}", run.out / f"{name}{suffix}")
-    stage.figures["files"] = [f"{name}.json", f"{name}.md"]
+    shutil.copy(results / f"{name}.json", run.out / f"{name}.json")
+    stage.figures["files"] = [f"{name}.json"]
+    stage.figures["markdown"] = (results / f"{name}.md").read_text()
     return data
 
 
@@ -640,9 +654,36 @@ def stage_train_bench(run: Run, stage: Stage) -> None:
     stage.figures["rows"] = table
 
 
+def stage_packing_bench(run: Run, stage: Stage) -> None:
+    timeout = max(60.0, min(stage.limit_s, run.remaining()) / 2)
+    data = _bench(run, stage, "train", run.plan.packing_args,
+                  ["--work-dir", str(run.work / "bench"), "--timeout", str(int(timeout))], label="packing")
+    stage.figures["attn_implementation"] = data["settings"]["attn_implementation"]
+    stage.figures["fill_ratio"] = data["settings"]["fill_ratio"]
+    table = []
+    for size, modes in data["results"].items():
+        stage.check(f"{size}: padded and packed both ran", {"padded", "packed"} <= set(modes), sorted(modes))
+        for mode, recs in modes.items():
+            rec = recs[0]
+            table.append({"size": size, "mode": mode, "real_tokens_per_s": rec["tokens_per_s"],
+                          "padding_ratio": rec["padding"], "median_step_ms": rec["median_step_s"] * 1e3,
+                          "real_tokens_per_step": statistics.median(rec["tokens_per_step"][rec["skip"]:]),
+                          "loss_first": rec["losses"][0], "loss_last": rec["losses"][-1]})
+            stage.check(f"{size} {mode}: real tokens/s positive, losses finite",
+                        rec["tokens_per_s"] > 0 and finite(rec["losses"]), rec["tokens_per_s"])
+        if {"padded", "packed"} <= set(modes):
+            padded, packed = modes["padded"][0], modes["packed"][0]
+            stage.check(f"{size}: a packed step carries more real tokens than a padded one",
+                        sum(packed["tokens_per_step"]) > sum(padded["tokens_per_step"]),
+                        f"{sum(packed['tokens_per_step'])} vs {sum(padded['tokens_per_step'])}")
+            stage.figures[f"{size}: packed / padded real tokens/s"] = packed["tokens_per_s"] / padded["tokens_per_s"]
+    stage.figures["rows"] = table
+
+
 STAGE_FUNCS: dict[str, Callable[[Run, Stage], None]] = {
     "setup": stage_setup, "numerics": stage_numerics, "zero3_resume": stage_zero3_resume,
     "bf16_sync": stage_bf16_sync, "layer_bench": stage_layer_bench, "train_bench": stage_train_bench,
+    "packing_bench": stage_packing_bench,
 }
 
 
@@ -709,6 +750,9 @@ def _headline(name: str, figures: dict) -> str:
                          f"{_fmt(r['x_peft_dora'])}× peft_dora" for r in dude)
     if name == "train_bench":
         return "; ".join(f"{k} {_fmt(v)}" for k, v in f.items() if "tokens/s" in k)
+    if name == "packing_bench" and "attn_implementation" in f:
+        return "; ".join([f"{k} {_fmt(v)}" for k, v in f.items() if "tokens/s" in k]
+                         + [f"fill {_fmt(f['fill_ratio'])}", f"{f['attn_implementation']} attention"])
     return ""
 
 
@@ -747,11 +791,10 @@ def render_markdown(data: dict, out: Path) -> str:
         lines += [f"| {s['count']} | `{s['site']}` | `{s.get('caller', '')}` | `{s['project'] or '—'}` |"
                   for s in syncs["sites"][:20]]
         lines.append("")
-    for name in ("layer_bench", "train_bench"):
-        for fname in data["stages"].get(name, {}).get("figures", {}).get("files", []):
-            if fname.endswith(".md") and (out / fname).is_file():
-                text = (out / fname).read_text().strip()
-                lines += ["#" + text if text.startswith("### ") else text, ""]  # a level below this report's title
+    for name in ("layer_bench", "train_bench", "packing_bench"):
+        text = data["stages"].get(name, {}).get("figures", {}).get("markdown", "").strip()
+        if text:
+            lines += ["#" + text if text.startswith("### ") else text, ""]  # a level below this report's title
     return "\n".join(lines) + "\n"
 
 
@@ -901,7 +944,14 @@ def collect(folder: Path) -> int:
     """Copy a GPU run's result files into benchmarks/results and paste their tables into benchmarks/README.md."""
     from benchmarks.common import update_readme
 
-    names = ["gpu_check", "gpu_layer", "gpu_train"]
+    names = ["gpu_check", "gpu_layer", "gpu_train", "gpu_packing"]
+    report = folder / "gpu_check.json"
+    markdown = {}  # a benchmark's Markdown, kept in the report's stage figures
+    if report.is_file():
+        for stage in json.loads(report.read_text()).get("stages", {}).values():
+            for fname in stage.get("figures", {}).get("files", []):
+                if stage["figures"].get("markdown"):
+                    markdown[fname.removesuffix(".json")] = stage["figures"]["markdown"]
     copied = []
     for name in names:
         for suffix in (".json", ".md"):
@@ -909,9 +959,13 @@ def collect(folder: Path) -> int:
             if src.is_file():
                 shutil.copy(src, RESULTS / src.name)
                 copied.append(src.name)
+            elif suffix == ".md" and name in markdown:
+                (RESULTS / src.name).write_text(markdown[name])
+                copied.append(f"{src.name} (from gpu_check.json)")
         if (RESULTS / f"{name}.md").is_file() and update_readme(name):
             print(f"updated the results/{name}.md block of benchmarks/README.md")
-    print(f"copied {', '.join(copied) or 'nothing'} into {RESULTS.relative_to(ROOT)}")
+    where = RESULTS.relative_to(ROOT) if RESULTS.is_relative_to(ROOT) else RESULTS
+    print(f"copied {', '.join(copied) or 'nothing'} into {where}")
     return 0 if copied else 1
 
 
@@ -935,7 +989,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="result folder (default: $OUT, else runs/gpu_check[_dry])")
     p.add_argument("--work", default=None, help="scratch folder for runs and logs (default: a temp folder)")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="a subset, in this order")
-    p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (gpu 470, dry 400)")
+    p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (gpu 560, dry 480)")
     args = p.parse_args(argv)
 
     import torch

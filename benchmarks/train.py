@@ -259,10 +259,25 @@ def fill_ratio(seed: int = 0) -> float:
     return build_datasets(cfg.data, AutoTokenizer.from_pretrained(STORIES), seed=seed).stats["fill"]
 
 
-def packing_main(args: argparse.Namespace, work: Path, busy_at_start: float, t_start: float) -> int:
+def resolve_attn(name: str, cuda: bool) -> str:
+    """``--attn``: ``auto`` is ``flash_attention_2`` where it can run (a CUDA GPU and the
+    ``flash_attn`` package), ``sdpa`` otherwise; a named implementation that cannot run here
+    is refused with dude_dist's own reason."""
+    from dude_dist.config import attn_implementation_problem
+
+    if name == "auto":
+        return "flash_attention_2" if attn_implementation_problem("flash_attention_2", cuda=cuda) is None else "sdpa"
+    problem = attn_implementation_problem(name, cuda=cuda)
+    if problem:
+        raise SystemExit(f"benchmarks/train.py: --attn {name}: {problem}")
+    return name
+
+
+def packing_main(args: argparse.Namespace, work: Path, busy_at_start: float, t_start: float, cuda: bool) -> int:
     """Packed vs padded (and length-grouped) dude_dist runs, side by side."""
+    attn = resolve_attn(args.attn, cuda)
     common = (f"data.max_seq_len={PACKING_SEQ_LEN}", "train.micro_batch_size=2", "train.global_batch_size=4",
-              "train.seed=0")
+              "train.seed=0", f"model.attn_implementation={attn}")
     fill = fill_ratio(seed=0)
     records: dict[str, dict[str, list[dict]]] = {}
     tables = {}
@@ -308,10 +323,12 @@ def packing_main(args: argparse.Namespace, work: Path, busy_at_start: float, t_s
         curves = [[step + 1] + [runs[mode][0]["losses"][step] for mode in args.modes] for step in range(steps)]
         tables[f"{size}: training loss per step (mean over the labelled tokens of each global batch)"] = (
             ["step"] + list(args.modes), curves)
+    ranks = f"{args.nproc} rank{'s' if args.nproc != 1 else ''}"
     notes = [
         "Goal: packed ≥ 1.5× padded real tokens/s.",
-        f"{args.nproc} ranks (torchrun), 1 thread each, gloo, DeepSpeed ZeRO-3, fp32, rank {RANK} on q_proj+v_proj, "
-        f"non-reentrant activation checkpointing, sdpa attention, GSM8K train (first 512 records), max_seq_len "
+        f"{ranks} (torchrun), {'1 GPU' if cuda else '1 thread'} each, {'nccl' if cuda else 'gloo'}, DeepSpeed ZeRO-3, "
+        f"{'fp32' if args.dtype == 'float32' else args.dtype}, rank {RANK} on q_proj+v_proj, "
+        f"non-reentrant activation checkpointing, {attn} attention, GSM8K train (first 512 records), max_seq_len "
         f"{PACKING_SEQ_LEN}; micro-batch 2 and global batch 4 in every mode (samples when padded, rows when packed).",
         "real tokens = non-padding tokens (train/tokens_per_s); padding ratio = padding over the token slots the "
         "model ran on (train/padding_ratio, steady steps); fill ratio = real tokens over rows x max_seq_len of the "
@@ -322,15 +339,21 @@ def packing_main(args: argparse.Namespace, work: Path, busy_at_start: float, t_s
         "the loss and gradients of its samples padded (tests/unit/test_packing.py).",
         "stories260K: real pretrained weights; llama-h512-l4: random weights (same tokenizer), for layer cost.",
     ]
-    write_results(args.name, title=f"Packed vs padded training, {args.nproc} CPU ranks, ZeRO-3, max_seq_len "
-                                   f"{PACKING_SEQ_LEN}",
+    title = (f"Packed vs padded training, {args.nproc} {'GPU' if cuda else 'CPU'} {ranks.split()[1]}, ZeRO-3, "
+             f"max_seq_len {PACKING_SEQ_LEN}")
+    if args.dtype != "float32":
+        title += f", {args.dtype}"
+    write_results(args.name, title=title,
                   settings={**vars(args), "cpu_busy_at_start": busy_at_start, "rank": RANK, "work_dir": str(work),
-                            "fill_ratio": fill, "seconds_total": time.perf_counter() - t_start},
-                  tables=tables, records=records, notes=notes, device="cpu")
+                            "fill_ratio": fill, "attn_implementation": attn,
+                            "seconds_total": time.perf_counter() - t_start},
+                  tables=tables, records=records, notes=notes, device="cuda" if cuda else "cpu")
     return 0
 
 
 def main(argv=None) -> int:
+    from dude_dist.config import ATTN_IMPLEMENTATIONS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["stories260K", "llama-h512-l4"], choices=SIZES)
     p.add_argument("--steps", type=int, default=20, help="optimizer steps for stories260K (every size with --packing)")
@@ -351,6 +374,9 @@ def main(argv=None) -> int:
                    help="compare dude_dist packed vs padded (and length-grouped) at max_seq_len 1024 instead")
     p.add_argument("--modes", nargs="+", default=list(PACKING_MODES), choices=list(PACKING_MODES),
                    help="with --packing: the modes to run")
+    p.add_argument("--attn", default="sdpa", choices=("auto", *ATTN_IMPLEMENTATIONS),
+                   help="with --packing: model.attn_implementation of every mode (auto: flash_attention_2 where it "
+                        "can run, else sdpa)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="wait up to this long for an idle CPU before timing (and before each launch)")
     args = p.parse_args(argv)
@@ -364,7 +390,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     if args.packing:
-        return packing_main(args, work, busy_at_start, t_start)
+        return packing_main(args, work, busy_at_start, t_start, cuda)
 
     targets = tuple(args.targets)
     records: dict[str, dict[str, list[dict]]] = {}

@@ -132,8 +132,8 @@ def attn_implementation_problem(name: str, cuda: bool | None = None) -> str | No
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if not cuda:
-        return ("model.attn_implementation: 'flash_attention_2' needs a CUDA GPU; use 'sdpa' (packed rows then "
-                "get a block-diagonal mask) or 'eager' on this machine")
+        return ("model.attn_implementation: 'flash_attention_2' needs a CUDA GPU; use 'sdpa' (packed samples then "
+                "attend one at a time through PyTorch SDPA) or 'eager' on this machine")
     if not is_flash_attn_2_available():
         return ("model.attn_implementation: 'flash_attention_2' needs the flash_attn package (pip install "
                 "flash-attn --no-build-isolation, built for this torch and CUDA); or use 'sdpa'")

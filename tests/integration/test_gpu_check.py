@@ -16,7 +16,7 @@ from tests.helpers import PY, ROOT, proc_env
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["setup", "numerics", "zero3_resume", "bf16_sync", "layer_bench", "train_bench"]
+STAGES = ["setup", "numerics", "zero3_resume", "bf16_sync", "layer_bench", "train_bench", "packing_bench"]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_every_stage_passes_and_says_so(dry):
         assert stage["checks"] and all(c["ok"] for c in stage["checks"]), name
         assert 0 < stage["seconds"] <= stage["limit_s"], (name, stage["seconds"])
         assert f"[gpu_check] {name}: PASS" in proc.stdout
-    assert "[gpu_check] PASS: 6/6 stages passed" in proc.stdout
+    assert f"[gpu_check] PASS: {len(STAGES)}/{len(STAGES)} stages passed" in proc.stdout
     versions = dry["stages"]["setup"]["figures"]["versions"]
     assert all(versions[name] for name in ("torch", "deepspeed", "datasets", "transformers", "peft")), versions
 
@@ -99,14 +99,26 @@ def test_train_benchmark_compared_three_systems_on_the_same_tokens(dry):
     assert figures["stories260K: dude_dist / peft_lora tokens/s"] > 0
 
 
+def test_packing_benchmark_compared_padded_and_packed_rows(dry):
+    figures = dry["stages"]["packing_bench"]["figures"]
+    by = {r["mode"]: r for r in figures["rows"]}
+    assert set(by) == {"padded", "packed"}
+    assert figures["attn_implementation"] == "sdpa"  # auto without CUDA
+    assert 0.9 < figures["fill_ratio"] <= 1.0
+    # whole samples filling rows of 1024: a packed step carries several times a padded step's tokens
+    assert by["packed"]["real_tokens_per_step"] > 2 * by["padded"]["real_tokens_per_step"]
+    assert all(r["real_tokens_per_s"] > 0 and math.isfinite(r["loss_last"]) for r in by.values())
+    assert figures["stories260K: packed / padded real tokens/s"] > 0
+
+
 def test_report_files_and_nothing_written_into_the_tree(dry):
     out = dry["out"]
     names = {p.name for p in out.iterdir()}
-    assert {"gpu_check.json", "gpu_check.md", "gpu_check.log", "gpu_check_dry_layer.json", "gpu_check_dry_layer.md",
-            "gpu_check_dry_train.json", "gpu_check_dry_train.md"} <= names
-    assert len(names) <= 8  # what a device run can bring back
+    assert names == {"gpu_check.json", "gpu_check.md", "gpu_check.log", "gpu_check_dry_layer.json",
+                     "gpu_check_dry_train.json", "gpu_check_dry_packing.json"}  # a device run brings back 8 at most
     md = (out / "gpu_check.md").read_text()
     for name in STAGES:
         assert f"| {name} | PASS |" in md
     assert "#### Layer forward+backward (cpu, bfloat16)" in md and "#### Training throughput" in md
+    assert "#### Packed vs padded training, 1 CPU rank" in md
     assert dry["new_results"] == set()  # benchmark results of a dry run stay in OUT

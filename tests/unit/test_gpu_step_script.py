@@ -3,22 +3,49 @@
 from __future__ import annotations
 
 import subprocess
+import tarfile
 
 from tests.helpers import ROOT, proc_env
 
 
 def test_gpu_step_skips_what_its_budget_cannot_hold_and_says_so(tmp_path):
     """benchmarks/gpu_step.sh runs a stage only with the time it needs left: with 35 s it
-    skips all four (each named, exit 1) rather than starting one the device limit would cut."""
+    skips all five (each named, exit 1) rather than starting one the device limit would cut."""
     copy = tmp_path / "tree"
     (copy / "benchmarks").mkdir(parents=True)  # no .wheels/ here: nothing is installed
     for name in ("gpu_step.sh", "gpu_env.sh"):
         (copy / "benchmarks" / name).write_text((ROOT / "benchmarks" / name).read_text())
     out = tmp_path / "out"
     proc = subprocess.run(["bash", "benchmarks/gpu_step.sh"], cwd=copy, capture_output=True, text=True, timeout=60,
-                          env=proc_env(OUT=str(out), STEP_BUDGET="35"))
+                          env=proc_env(OUT=str(out), STEP_BUDGET="35", TMPDIR=str(tmp_path)))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     skipped = (out / "skipped.txt").read_text().splitlines()
     assert [line.split(" skipped")[0].removeprefix("[gpu_step] ") for line in skipped] == [
-        "layer and sync check", "loss memory", "end-to-end throughput", "step profile"]
+        "layer and sync check", "loss memory", "end-to-end throughput", "packed vs padded", "step profile"]
     assert all("s left of 35" in line for line in skipped)
+    # what comes back from a device run: at most 8 files, everything else in the archive
+    assert len(list(out.iterdir())) <= 8
+    with tarfile.open(out / "gpu_step.tar.gz") as tar:
+        assert "./skipped.txt" in tar.getnames()
+
+
+def test_collect_writes_each_benchmark_table_from_the_report(tmp_path, monkeypatch):
+    """A GPU check brings back each benchmark's JSON and keeps its Markdown in gpu_check.json
+    (8 files at most come back); ``collect`` writes both into benchmarks/results."""
+    import json
+
+    import benchmarks.common as common
+    import benchmarks.gpu_check as gpu_check
+
+    run, results = tmp_path / "run", tmp_path / "results"
+    run.mkdir()
+    results.mkdir()
+    stages = {"numerics": {"figures": {"files": ["tests/unit/test_dude.py"]}},
+              "packing_bench": {"figures": {"files": ["gpu_packing.json"], "markdown": "### Packed vs padded\n"}}}
+    (run / "gpu_check.json").write_text(json.dumps({"stages": stages}))
+    (run / "gpu_packing.json").write_text("{}")
+    monkeypatch.setattr(gpu_check, "RESULTS", results)
+    monkeypatch.setattr(common, "update_readme", lambda name: False)
+    assert gpu_check.collect(run) == 0
+    assert sorted(p.name for p in results.iterdir()) == ["gpu_check.json", "gpu_packing.json", "gpu_packing.md"]
+    assert (results / "gpu_packing.md").read_text() == "### Packed vs padded\n"
