@@ -390,6 +390,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.output_dir), "output_dir", "must not be empty")
+        # Without ZeRO, DeepSpeed accumulates gradients in the model's dtype only, and the DuDe
+        # gradients are accumulated and reduced in fp32 (zero.build_ds_config).
+        _check(self.deepspeed.zero_stage > 0 or self.model.dtype == "float32", "deepspeed.zero_stage",
+               f"0 (ZeRO off) needs model.dtype float32, got {self.model.dtype}: DeepSpeed then accumulates "
+               "gradients in the model's dtype, while dude_dist keeps the DuDe gradients in fp32; use zero_stage 2 "
+               "(or 3) with a 16-bit model")
 
 
 @dataclass(frozen=True)

@@ -99,3 +99,14 @@ class LayerGradNorms:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def grad_norm_of(params: list[nn.Parameter]) -> torch.Tensor:
+    """2-norm of the gradients ``params`` hold (float64 accumulation, 0-dim, on their device):
+    ``train/grad_norm`` where DeepSpeed keeps none (ZeRO off in fp32: the engine clips with
+    ``clip_grad_norm_`` and drops the norm). Call it at the accumulation boundary, after the
+    last backward has reduced the gradients over ranks and before ``engine.step()``."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]))

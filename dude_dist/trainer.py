@@ -50,7 +50,7 @@ from dude_dist.errors import DudeError, TrainingError
 from dude_dist.evaluate import TrainingEvaluator
 from dude_dist.export import write_adapter_files
 from dude_dist.failures import Faults, NonFiniteStreak, StopRequests, is_comm_failure, lost_peer_error, step_problem
-from dude_dist.layer_grads import LayerGradNorms
+from dude_dist.layer_grads import LayerGradNorms, grad_norm_of
 from dude_dist.loss import LossInputs, logits_to_keep_support, loss_inputs, summed_loss
 from dude_dist.models import load_model, load_tokenizer, prefetch_model
 from dude_dist.planner import check_replicated_model_fits
@@ -59,7 +59,7 @@ from dude_dist.sampler import StepSampler
 from dude_dist.sharded_init import Comm, cache_key, inject_and_init
 from dude_dist.throughput import StepThroughput
 from dude_dist.tracking import Tracker, done_line, peak_memory_bytes
-from dude_dist.zero import build_ds_config, initialize_engine, model_init_context
+from dude_dist.zero import build_ds_config, initialize_engine, model_init_context, single_gpu_zero3_hint
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,9 @@ class Trainer:
         self.evaluator = TrainingEvaluator(self.engine, self.eval_set, self.tokenizer, cfg, self.ds_config,
                                            self.env, self.run_dir, self._keep_logits)
         self._can_skip = hasattr(self.engine.optimizer, "overflow")
+        # DeepSpeed's ZeRO optimizers report the gradient norm; with ZeRO off (fp32 only, see
+        # RunConfig) the engine clips without keeping it, so the trainer measures it before the step
+        self._own_grad_norm = cfg.deepspeed.zero_stage == 0
         self._step = self.start_step
         self.stops = StopRequests(self.env.launcher)
         self.throughput = StepThroughput(self.engine.module, self.sampler, self.counts, self.world, self.device,
@@ -170,6 +173,9 @@ class Trainer:
                                     torch.cuda.get_device_properties(self.device).total_memory
                                     if self.device.type == "cuda" else None)
         self.ds_config = build_ds_config(cfg, self.layout)
+        hint = single_gpu_zero3_hint(cfg, self.world, self.device.type)
+        if hint and self.rank == 0:
+            logger.warning(hint)
         with model_init_context(self.ds_config) as hf_ds_config:  # every rank at once: zero.Init partitions
             model = load_model(cfg.model)
             del hf_ds_config  # from_pretrained is done; transformers needed it alive until here
@@ -231,6 +237,7 @@ class Trainer:
         inject_nan = step + 1 in self.faults.nan_steps and self.rank == self.world - 1
         # [summed loss, stop request, a non-finite flag per (rank, micro-batch)], on the device
         stats = torch.zeros(2 + self.world * accum, dtype=torch.float64, device=self.device)
+        own_norm = None
         for micro, inputs in enumerate(micro_batches):
             loss = summed_loss(self.engine, inputs)
             if inject_nan and micro == accum - 1:
@@ -241,11 +248,13 @@ class Trainer:
                 self._refuse_unskippable(step, stats[2:], accum)
             loss = loss * torch.where(bad, float("nan"), 1.0)
             self.engine.backward(loss * scale)
+            if self._own_grad_norm and self.engine.is_gradient_accumulation_boundary():
+                own_norm = grad_norm_of(list(self.trainable.values()))  # reduced over ranks by now: global
             self.engine.step()
             stats[0] += loss.detach().double()
         stats[1].fill_(1.0 if self.stops.requested() else 0.0)
         comm.all_reduce(stats)
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm() if own_norm is None else own_norm
         if isinstance(grad_norm, torch.Tensor):
             values = torch.cat([stats, grad_norm.detach().reshape(1).to(stats)]).tolist()
         else:

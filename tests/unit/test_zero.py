@@ -7,7 +7,7 @@ import pytest
 from dude_dist.config import ConfigError, batch_layout
 from dude_dist.config_loader import load_config
 from dude_dist.planner import check_replicated_model_fits
-from dude_dist.zero import build_ds_config
+from dude_dist.zero import build_ds_config, single_gpu_zero3_hint
 
 GIB = 2**30
 
@@ -62,3 +62,22 @@ def test_a_merged_model_too_big_for_one_gpu_is_refused_with_advice(tmp_path, mon
         check_fits_one_device(tmp_path, torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 10**6}))
     check_fits_one_device(tmp_path, torch.device("cuda", 0))
+
+
+def test_zero3_on_one_gpu_without_offload_gets_a_hint_and_nothing_else_does():
+    plain = _cfg("model.name_or_path=x")
+    hint = single_gpu_zero3_hint(plain, 1, "cuda")
+    assert "deepspeed.zero_stage=2" in hint and "deepspeed.zero_stage=3 on one GPU" in hint
+    assert single_gpu_zero3_hint(plain, 2, "cuda") is None  # partitions over two GPUs
+    assert single_gpu_zero3_hint(plain, 1, "cpu") is None  # no stream to synchronise
+    assert single_gpu_zero3_hint(_cfg("model.name_or_path=x", "deepspeed.offload_param=cpu"), 1, "cuda") is None
+    assert single_gpu_zero3_hint(_cfg("model.name_or_path=x", "deepspeed.zero_stage=2"), 1, "cuda") is None
+
+
+def test_zero_off_needs_fp32_as_deepspeed_accumulates_in_the_model_dtype_there():
+    assert _cfg("model.name_or_path=x", "model.dtype=float32", "deepspeed.zero_stage=0").deepspeed.zero_stage == 0
+    for dtype in ("bfloat16", "float16"):
+        with pytest.raises(ConfigError, match=rf"deepspeed.zero_stage: 0 \(ZeRO off\) needs model.dtype float32, "
+                                              rf"got {dtype}.*use zero_stage 2"):
+            _cfg("model.name_or_path=x", f"model.dtype={dtype}", "deepspeed.zero_stage=0")
+    assert _cfg("model.name_or_path=x", "model.dtype=bfloat16", "deepspeed.zero_stage=2").deepspeed.zero_stage == 2
