@@ -32,7 +32,7 @@ source benchmarks/gpu_env.sh
 BUDGET="${STEP_BUDGET:-560}"
 WORK="${TMPDIR:-/tmp}/dude_gpu_step"
 RES="$WORK/results"
-rm -rf "$RES" && mkdir -p "$RES" || exit 1
+rm -rf "$RES" "$OUT/skipped.txt" "$WORK"/*.log "$WORK"/*.pyspy.txt && mkdir -p "$RES" || exit 1
 ALL7=(q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)
 read -r -a PROFILED <<< "${PROFILE_SYSTEMS:-dude_dist peft_lora}"
 rc=0
@@ -45,12 +45,21 @@ stage() {
     return 1
   fi
   echo "[gpu_step] $1 ($(left) s left)"
+  touch "$RES/.started"
+}
+# fresh NAME: this stage's benchmarks/results/NAME.* into $RES, not the committed ones of an earlier run
+fresh() {
+  find benchmarks/results -maxdepth 1 -name "$1.*" -newer "$RES/.started" -exec cp {} "$RES/" \;
 }
 # bundle MARKDOWN...: the stage's tables into $OUT, everything so far into $OUT/gpu_step.tar.gz
 bundle() {
   for md in "$@"; do cp "$RES/$md" "$OUT/" 2>/dev/null; done
   cp "$WORK"/*.log "$WORK"/*.pyspy.txt "$RES/" 2>/dev/null
-  tar -czf "$OUT/gpu_step.tar.gz.part" -C "$RES" . && mv "$OUT/gpu_step.tar.gz.part" "$OUT/gpu_step.tar.gz"
+  if ! tar -czf "$OUT/gpu_step.tar.gz.part" -C "$RES" . || ! mv "$OUT/gpu_step.tar.gz.part" "$OUT/gpu_step.tar.gz"; then
+    echo "[gpu_step] could not write $OUT/gpu_step.tar.gz"
+    rm -f "$OUT/gpu_step.tar.gz.part"
+    rc=1
+  fi
 }
 
 if stage "layer and sync check" 150; then
@@ -63,22 +72,23 @@ fi
 if stage "loss memory" 40; then
   "$PY" benchmarks/loss_memory.py --device cuda --name gpu_loss_memory 2>&1 | tee "$RES/gpu_loss_memory.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
-  cp benchmarks/results/gpu_loss_memory.* "$RES/" 2>/dev/null
+  fresh gpu_loss_memory
   bundle gpu_loss_memory.md
 fi
 if stage "end-to-end throughput" 200; then
   "$PY" benchmarks/train.py --nproc 1 --dtype bfloat16 --sizes qwen0.5b-v32k --steps-large 12 --targets "${ALL7[@]}" \
     --name gpu_train_all7 --work-dir "$WORK" --timeout 200 2>&1 | tee "$RES/gpu_train_all7.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
-  cp benchmarks/results/gpu_train_all7.* "$RES/" 2>/dev/null
+  fresh gpu_train_all7
   bundle gpu_train_all7.md
 fi
-if stage "packed vs padded" 100; then
+if stage "packed vs padded" 160; then
   "$PY" benchmarks/train.py --packing --nproc 1 --dtype bfloat16 --sizes qwen0.5b-v32k --modes padded packed \
-    --steps 12 --skip-large 4 --attn auto --name gpu_train_packing --work-dir "$WORK" --timeout 90 \
+    --steps 12 --skip-large 4 --attn auto --name gpu_train_packing --work-dir "$WORK" \
+    --timeout "$(( ($(left) - 40) / 2 ))" \
     2>&1 | tee "$RES/gpu_train_packing.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
-  cp benchmarks/results/gpu_train_packing.* "$RES/" 2>/dev/null
+  fresh gpu_train_packing
   bundle gpu_train_packing.md
 fi
 if stage "step profile" 120; then
@@ -86,7 +96,7 @@ if stage "step profile" 120; then
     --targets "${ALL7[@]}" --systems "${PROFILED[@]}" --name gpu_step_profile --work-dir "$WORK" \
     --timeout "$(( $(left) / ${#PROFILED[@]} ))" 2>&1 | tee "$RES/gpu_step_profile.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
-  cp benchmarks/results/gpu_step_profile.* "$RES/" 2>/dev/null
+  fresh gpu_step_profile
   bundle gpu_step_profile.md
 fi
 cp "$OUT/skipped.txt" "$RES/" 2>/dev/null

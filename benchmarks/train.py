@@ -259,14 +259,15 @@ def fill_ratio(seed: int = 0) -> float:
     return build_datasets(cfg.data, AutoTokenizer.from_pretrained(STORIES), seed=seed).stats["fill"]
 
 
-def resolve_attn(name: str, cuda: bool) -> str:
-    """``--attn``: ``auto`` is ``flash_attention_2`` where it can run (a CUDA GPU and the
-    ``flash_attn`` package), ``sdpa`` otherwise; a named implementation that cannot run here
-    is refused with dude_dist's own reason."""
+def resolve_attn(name: str, cuda: bool, dtype: str) -> str:
+    """``--attn``: ``auto`` is ``flash_attention_2`` where it can run (a CUDA GPU, the
+    ``flash_attn`` package and a 16-bit model), ``sdpa`` otherwise; a named implementation
+    that cannot run here is refused with dude_dist's own reason."""
     from dude_dist.config import attn_implementation_problem
 
     if name == "auto":
-        return "flash_attention_2" if attn_implementation_problem("flash_attention_2", cuda=cuda) is None else "sdpa"
+        flash = dtype != "float32" and attn_implementation_problem("flash_attention_2", cuda=cuda) is None
+        return "flash_attention_2" if flash else "sdpa"
     problem = attn_implementation_problem(name, cuda=cuda)
     if problem:
         raise SystemExit(f"benchmarks/train.py: --attn {name}: {problem}")
@@ -275,7 +276,7 @@ def resolve_attn(name: str, cuda: bool) -> str:
 
 def packing_main(args: argparse.Namespace, work: Path, busy_at_start: float, t_start: float, cuda: bool) -> int:
     """Packed vs padded (and length-grouped) dude_dist runs, side by side."""
-    attn = resolve_attn(args.attn, cuda)
+    attn = resolve_attn(args.attn, cuda, args.dtype)
     common = (f"data.max_seq_len={PACKING_SEQ_LEN}", "train.micro_batch_size=2", "train.global_batch_size=4",
               "train.seed=0", f"model.attn_implementation={attn}")
     fill = fill_ratio(seed=0)

@@ -98,8 +98,8 @@ class ModelConfig:
             (``$DUDE_DIST_CACHE``, default ``~/.cache/dude_dist``) and load that.
         dtype: parameter dtype: ``bfloat16``, ``float16`` or ``float32``.
         trust_remote_code: passed to ``from_pretrained``; off unless set here.
-        attn_implementation: ``sdpa`` (PyTorch's fused attention; packed rows get a
-            block-diagonal causal mask), ``flash_attention_2`` (needs the ``flash_attn``
+        attn_implementation: ``sdpa`` (PyTorch's fused attention; packed samples are
+            attended one at a time, :mod:`dude_dist.attention`), ``flash_attention_2`` (needs the ``flash_attn``
             package and a CUDA GPU; packed rows run as variable-length sequences, the
             fastest choice with ``data.packing``) or ``eager``. Checked against what is
             installed when the model loads (:func:`attn_implementation_problem`).

@@ -130,7 +130,7 @@ class Trainer:
         self._can_skip = hasattr(self.engine.optimizer, "overflow")
         # DeepSpeed's ZeRO optimizers report the gradient norm; with ZeRO off (fp32 only, see
         # RunConfig) the engine clips without keeping it, so the trainer measures it before the step
-        self._own_grad_norm = cfg.deepspeed.zero_stage == 0
+        self._own_grad_norm = self.engine.zero_optimization_stage() == 0
         self._step = self.start_step
         self.stops = StopRequests(self.env.launcher)
         self.throughput = StepThroughput(self.engine.module, self.sampler, self.counts, self.world, self.device,
@@ -173,7 +173,7 @@ class Trainer:
                                     torch.cuda.get_device_properties(self.device).total_memory
                                     if self.device.type == "cuda" else None)
         self.ds_config = build_ds_config(cfg, self.layout)
-        hint = single_gpu_zero3_hint(cfg, self.world, self.device.type)
+        hint = single_gpu_zero3_hint(self.ds_config, self.world, self.device.type)
         if hint and self.rank == 0:
             logger.warning(hint)
         with model_init_context(self.ds_config) as hf_ds_config:  # every rank at once: zero.Init partitions

@@ -51,16 +51,18 @@ def _deep_update(base: dict, override: dict) -> dict:
     return base
 
 
-def single_gpu_zero3_hint(cfg: RunConfig, world_size: int, device_type: str) -> str | None:
-    """A line of advice for ZeRO-3 on a single GPU without parameter offload, else None.
+def single_gpu_zero3_hint(ds_config: dict, world_size: int, device_type: str) -> str | None:
+    """A line of advice for ZeRO-3 on a single GPU without parameter offload, else None
+    (``ds_config``: :func:`build_ds_config`'s, a ``deepspeed.config_file`` merged in).
 
     One rank partitions nothing, yet DeepSpeed still fetches every parameter in each forward
     and backward, with a stream synchronisation per parameter (``NoGatherHandle.wait``: 1827
     of the 2340 host syncs of 6 bf16 steps on an H200). Stage 2 partitions no parameter, so
     it fetches none, and takes the same steps (``tests/distributed/test_training.py``).
     """
-    ds = cfg.deepspeed
-    if world_size != 1 or device_type != "cuda" or ds.zero_stage != 3 or ds.offload_param != "none":
+    zero = ds_config.get("zero_optimization", {})
+    offload = zero.get("offload_param", {}).get("device", "none")
+    if world_size != 1 or device_type != "cuda" or zero.get("stage", 0) != 3 or offload not in ("none", None):
         return None
     return ("deepspeed.zero_stage=3 on one GPU partitions nothing but still fetches every parameter with a stream "
             "synchronisation in each forward and backward; when the model fits on the GPU, deepspeed.zero_stage=2 "

@@ -210,15 +210,18 @@ def test_offloaded_parameters_and_optimizer_take_the_same_steps(runs, tmp_path):
         assert abs(got[step] - want[step]) <= 1e-6 * abs(want[step]), (step, got[step], want[step])
 
 
-@pytest.mark.parametrize(("stage", "dtype"), [(0, "float32"), (1, "bfloat16"), (2, "float32")])
+@pytest.mark.parametrize(("stage", "dtype"), [(0, "float32"), (1, "bfloat16"), (2, "bfloat16")])
 def test_zero_stages_0_to_2_take_the_same_steps_log_the_norm_and_resume(runs, tmp_path, stage, dtype):
     """ZeRO off and stages 1-2 on 2 ranks take the ZeRO-3 run's steps and log its gradient
-    norms (stage 1 in bf16, DeepSpeed's BF16 optimizer: to bf16 precision over the first
-    steps). With ZeRO off DeepSpeed clips without keeping the norm, so the trainer measures it
-    at the accumulation boundary (NaN was logged before); the replicated optimizer state
-    checkpoints and resumes."""
+    norms. Stages 1 and 2 run in bf16 with fp32 gradients (what a GPU run uses; stage 1 takes
+    DeepSpeed's BF16 optimizer): equal to bf16 precision over the first steps. ZeRO off
+    (fp32 only) runs micro-batches of 1 with 2 accumulation steps, the same global batches:
+    DeepSpeed clips without keeping the norm there, so the trainer measures it at the
+    accumulation boundary (NaN was logged before); its replicated optimizer state resumes."""
     run = tmp_path / f"stage{stage}"
-    train(run, *COMMON, f"deepspeed.zero_stage={stage}", f"model.dtype={dtype}", nproc=2, launcher="torchrun")
+    split = ("train.micro_batch_size=1",) if stage == 0 else ()
+    train(run, *COMMON, f"deepspeed.zero_stage={stage}", f"model.dtype={dtype}", *split, nproc=2,
+          launcher="torchrun")
     want, got = step_metrics(runs["two"]), step_metrics(run)
     want_g, got_g = step_metrics(runs["two"], "train/grad_norm"), step_metrics(run, "train/grad_norm")
     assert sorted(got) == sorted(got_g) == list(range(1, STEPS + 1))
@@ -230,8 +233,8 @@ def test_zero_stages_0_to_2_take_the_same_steps_log_the_norm_and_resume(runs, tm
         resumed = tmp_path / "resumed"
         resumed.mkdir()
         shutil.copytree(run / "dude_init", resumed / "dude_init")
-        train(resumed, *COMMON, "deepspeed.zero_stage=0", f"model.dtype={dtype}", nproc=2, launcher="torchrun",
-              resume=str(run / "checkpoints" / "step_00000010"))
+        train(resumed, *COMMON, "deepspeed.zero_stage=0", f"model.dtype={dtype}", *split, nproc=2,
+              launcher="torchrun", resume=str(run / "checkpoints" / "step_00000010"))
         again = step_metrics(resumed)
         assert sorted(again) == list(range(11, STEPS + 1))
         for step in again:

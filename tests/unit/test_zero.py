@@ -64,14 +64,19 @@ def test_a_merged_model_too_big_for_one_gpu_is_refused_with_advice(tmp_path, mon
     check_fits_one_device(tmp_path, torch.device("cuda", 0))
 
 
-def test_zero3_on_one_gpu_without_offload_gets_a_hint_and_nothing_else_does():
-    plain = _cfg("model.name_or_path=x")
-    hint = single_gpu_zero3_hint(plain, 1, "cuda")
-    assert "deepspeed.zero_stage=2" in hint and "deepspeed.zero_stage=3 on one GPU" in hint
-    assert single_gpu_zero3_hint(plain, 2, "cuda") is None  # partitions over two GPUs
-    assert single_gpu_zero3_hint(plain, 1, "cpu") is None  # no stream to synchronise
-    assert single_gpu_zero3_hint(_cfg("model.name_or_path=x", "deepspeed.offload_param=cpu"), 1, "cuda") is None
-    assert single_gpu_zero3_hint(_cfg("model.name_or_path=x", "deepspeed.zero_stage=2"), 1, "cuda") is None
+def test_zero3_on_one_gpu_without_offload_gets_a_hint_and_nothing_else_does(tmp_path):
+    def hint(*overrides, world=1, device="cuda"):
+        cfg = _cfg("model.name_or_path=x", "train.global_batch_size=16", *overrides)
+        return single_gpu_zero3_hint(build_ds_config(cfg, batch_layout(cfg.train, world)), world, device)
+
+    assert "deepspeed.zero_stage=2" in hint() and "deepspeed.zero_stage=3 on one GPU" in hint()
+    assert hint(world=2) is None  # partitions over two GPUs
+    assert hint(device="cpu") is None  # no stream to synchronise
+    assert hint("deepspeed.offload_param=cpu") is None
+    assert hint("deepspeed.zero_stage=2") is None
+    override = tmp_path / "ds.json"  # the stage DeepSpeed runs with, a config file merged in
+    override.write_text('{"zero_optimization": {"stage": 2}}')
+    assert hint(f"deepspeed.config_file={override}") is None
 
 
 def test_zero_off_needs_fp32_as_deepspeed_accumulates_in_the_model_dtype_there():
