@@ -941,29 +941,44 @@ def worker_bench(argv: list[str]) -> int:
 
 
 def collect(folder: Path) -> int:
-    """Copy a GPU run's result files into benchmarks/results and paste their tables into benchmarks/README.md."""
+    """Copy a GPU run's result files into benchmarks/results and paste their tables into
+    benchmarks/README.md. Every JSON file is read first: a damaged one stops it before
+    anything is copied (exit 1); a missing folder is exit 2."""
     from benchmarks.common import update_readme
 
+    if not folder.is_dir():
+        print(f"error: {folder} is not a folder (give the folder a GPU run's files came back in)", file=sys.stderr)
+        return 2
     names = ["gpu_check", "gpu_layer", "gpu_train", "gpu_packing"]
-    report = folder / "gpu_check.json"
+    parsed = {}
+    for name in names:
+        path = folder / f"{name}.json"
+        if path.is_file():
+            try:
+                parsed[name] = json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError) as exc:
+                print(f"error: {path} is not valid JSON ({exc}); nothing copied", file=sys.stderr)
+                return 1
     markdown = {}  # a benchmark's Markdown, kept in the report's stage figures
-    if report.is_file():
-        for stage in json.loads(report.read_text()).get("stages", {}).values():
-            for fname in stage.get("figures", {}).get("files", []):
-                if stage["figures"].get("markdown"):
-                    markdown[fname.removesuffix(".json")] = stage["figures"]["markdown"]
+    for stage in parsed.get("gpu_check", {}).get("stages", {}).values():
+        figures = stage.get("figures", {})
+        for fname in figures.get("files", []):
+            if figures.get("markdown"):
+                markdown[fname.removesuffix(".json")] = figures["markdown"]
     copied = []
     for name in names:
+        done = []
         for suffix in (".json", ".md"):
             src = folder / f"{name}{suffix}"
             if src.is_file():
                 shutil.copy(src, RESULTS / src.name)
-                copied.append(src.name)
+                done.append(src.name)
             elif suffix == ".md" and name in markdown:
                 (RESULTS / src.name).write_text(markdown[name])
-                copied.append(f"{src.name} (from gpu_check.json)")
-        if (RESULTS / f"{name}.md").is_file() and update_readme(name):
+                done.append(f"{src.name} (from gpu_check.json)")
+        if any(item.startswith(f"{name}.md") for item in done) and update_readme(name):
             print(f"updated the results/{name}.md block of benchmarks/README.md")
+        copied += done
     where = RESULTS.relative_to(ROOT) if RESULTS.is_relative_to(ROOT) else RESULTS
     print(f"copied {', '.join(copied) or 'nothing'} into {where}")
     return 0 if copied else 1

@@ -49,3 +49,22 @@ def test_collect_writes_each_benchmark_table_from_the_report(tmp_path, monkeypat
     assert gpu_check.collect(run) == 0
     assert sorted(p.name for p in results.iterdir()) == ["gpu_check.json", "gpu_packing.json", "gpu_packing.md"]
     assert (results / "gpu_packing.md").read_text() == "### Packed vs padded\n"
+
+
+def test_collect_refuses_a_damaged_report_and_a_wrong_folder_with_one_line(tmp_path, monkeypatch, capsys):
+    import benchmarks.common as common
+    import benchmarks.gpu_check as gpu_check
+
+    run, results = tmp_path / "run", tmp_path / "results"
+    run.mkdir()
+    results.mkdir()
+    (run / "gpu_train.json").write_text("{}")
+    (run / "gpu_check.json").write_text('{"stages": ')  # cut short
+    monkeypatch.setattr(gpu_check, "RESULTS", results)
+    monkeypatch.setattr(common, "update_readme", lambda name: False)
+    assert gpu_check.collect(run) == 1
+    assert gpu_check.collect(tmp_path / "nope") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"error: {run / 'gpu_check.json'} is not valid JSON") and err[0].endswith("nothing copied")
+    assert err[1].startswith(f"error: {tmp_path / 'nope'} is not a folder")
+    assert list(results.iterdir()) == []  # nothing copied before the damaged file was found
