@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dude_dist.trainer as trainer_module  # noqa: E402
+from dude_dist.cli import exit_process  # noqa: E402
 from launch.train import main  # noqa: E402
 
 TIMES: dict[str, float] = {}
@@ -70,4 +71,4 @@ if __name__ == "__main__":
     (out / f"bench_cpu_rank{rank}.json").write_text(json.dumps(STEP_CPU_SECONDS))
     if rank == "0":
         (out / "bench_timing.json").write_text(json.dumps({**TIMES, "process_seconds": time.perf_counter() - T_PROCESS}))
-    sys.exit(rc)
+    exit_process(rc)  # as launch/train.py: gloo's threads could abort a finished rank at interpreter exit

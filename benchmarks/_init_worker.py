@@ -61,4 +61,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from dude_dist.cli import exit_process
+
     main()
+    exit_process(0)  # as launch/train.py: gloo's threads could abort a finished rank at interpreter exit
