@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import tarfile
+from pathlib import Path
 
 from tests.helpers import ROOT, proc_env
 
@@ -27,6 +28,29 @@ def test_gpu_step_skips_what_its_budget_cannot_hold_and_says_so(tmp_path):
     assert len(list(out.iterdir())) <= 8
     with tarfile.open(out / "gpu_step.tar.gz") as tar:
         assert "./skipped.txt" in tar.getnames()
+
+
+
+def test_gpu_step_bundles_only_what_this_run_wrote(tmp_path):
+    """Every stage runs and fails at once (a Python that exits 1): nothing it did not write
+    comes back, in particular not the committed tables of an earlier GPU run in
+    benchmarks/results, and the archive is still written; the exit code says it failed."""
+    copy = tmp_path / "tree"
+    (copy / "benchmarks" / "results").mkdir(parents=True)
+    for name in ("gpu_step.sh", "gpu_env.sh"):
+        (copy / "benchmarks" / name).write_text((ROOT / "benchmarks" / name).read_text())
+    for stale in ("gpu_train_all7.md", "gpu_step_profile.json", "gpu_loss_memory.md"):
+        (copy / "benchmarks" / "results" / stale).write_text("an earlier run")
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "benchmarks/gpu_step.sh"], cwd=copy, capture_output=True, text=True, timeout=60,
+                          env=proc_env(OUT=str(out), STEP_BUDGET="600", TMPDIR=str(tmp_path), PYTHON="false"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "skipped" not in proc.stdout  # every stage started
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_step.tar.gz"]
+    with tarfile.open(out / "gpu_step.tar.gz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert not names & {"gpu_train_all7.md", "gpu_step_profile.json", "gpu_loss_memory.md"}, names
+    assert {"gpu_check_run.log", "gpu_train_all7.log", "gpu_train_packing.log"} <= names
 
 
 def test_collect_writes_each_benchmark_table_from_the_report(tmp_path, monkeypatch):
