@@ -258,7 +258,7 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         data = self.summary()
         _write_atomic(self.out / "gpu_check.json", json.dumps(data, indent=1, default=str) + "\n")
-        _write_atomic(self.out / "gpu_check.md", render_markdown(data, self.out))
+        _write_atomic(self.out / "gpu_check.md", render_markdown(data))
 
 
 def kill_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -673,9 +673,9 @@ def stage_packing_bench(run: Run, stage: Stage) -> None:
                         rec["tokens_per_s"] > 0 and finite(rec["losses"]), rec["tokens_per_s"])
         if {"padded", "packed"} <= set(modes):
             padded, packed = modes["padded"][0], modes["packed"][0]
+            tokens = {mode: sum(modes[mode][0]["tokens_per_step"]) for mode in ("packed", "padded")}
             stage.check(f"{size}: a packed step carries more real tokens than a padded one",
-                        sum(packed["tokens_per_step"]) > sum(padded["tokens_per_step"]),
-                        f"{sum(packed['tokens_per_step'])} vs {sum(padded['tokens_per_step'])}")
+                        tokens["packed"] > tokens["padded"], f"{tokens['packed']} vs {tokens['padded']}")
             stage.figures[f"{size}: packed / padded real tokens/s"] = packed["tokens_per_s"] / padded["tokens_per_s"]
     stage.figures["rows"] = table
 
@@ -756,7 +756,7 @@ def _headline(name: str, figures: dict) -> str:
     return ""
 
 
-def render_markdown(data: dict, out: Path) -> str:
+def render_markdown(data: dict) -> str:
     env = data.get("environment", {})
     versions = {k: v.get("version") for k, v in env.get("imports", {}).items()}
     if not versions:  # setup did not run: the installed versions, read without importing
@@ -962,23 +962,24 @@ def collect(folder: Path) -> int:
     markdown = {}  # a benchmark's Markdown, kept in the report's stage figures
     for stage in parsed.get("gpu_check", {}).get("stages", {}).values():
         figures = stage.get("figures", {})
-        for fname in figures.get("files", []):
-            if figures.get("markdown"):
-                markdown[fname.removesuffix(".json")] = figures["markdown"]
+        if figures.get("markdown"):
+            markdown.update({fname.removesuffix(".json"): figures["markdown"] for fname in figures.get("files", [])})
     copied = []
     for name in names:
-        done = []
-        for suffix in (".json", ".md"):
-            src = folder / f"{name}{suffix}"
-            if src.is_file():
-                shutil.copy(src, RESULTS / src.name)
-                done.append(src.name)
-            elif suffix == ".md" and name in markdown:
-                (RESULTS / src.name).write_text(markdown[name])
-                done.append(f"{src.name} (from gpu_check.json)")
-        if any(item.startswith(f"{name}.md") for item in done) and update_readme(name):
+        json_src, md_src = folder / f"{name}.json", folder / f"{name}.md"
+        if json_src.is_file():
+            shutil.copy(json_src, RESULTS / json_src.name)
+            copied.append(json_src.name)
+        if md_src.is_file():
+            shutil.copy(md_src, RESULTS / md_src.name)
+            copied.append(md_src.name)
+        elif name in markdown:
+            (RESULTS / md_src.name).write_text(markdown[name])
+            copied.append(f"{md_src.name} (from gpu_check.json)")
+        else:
+            continue  # no table of this result came back: its README block stays
+        if update_readme(name):
             print(f"updated the results/{name}.md block of benchmarks/README.md")
-        copied += done
     where = RESULTS.relative_to(ROOT) if RESULTS.is_relative_to(ROOT) else RESULTS
     print(f"copied {', '.join(copied) or 'nothing'} into {where}")
     return 0 if copied else 1

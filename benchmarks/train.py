@@ -259,6 +259,22 @@ def fill_ratio(seed: int = 0) -> float:
     return build_datasets(cfg.data, AutoTokenizer.from_pretrained(STORIES), seed=seed).stats["fill"]
 
 
+def ranks_text(nproc: int) -> str:
+    return f"{nproc} rank{'s' if nproc != 1 else ''}"
+
+
+def setting_text(args: argparse.Namespace, cuda: bool) -> str:
+    """How every run of a results file ran: ranks, device per rank, backend, ZeRO-3, dtype."""
+    return (f"{ranks_text(args.nproc)} (torchrun), {'1 GPU' if cuda else '1 thread'} each, "
+            f"{'nccl' if cuda else 'gloo'}, DeepSpeed ZeRO-3, {'fp32' if args.dtype == 'float32' else args.dtype}")
+
+
+def results_title(what: str, args: argparse.Namespace, cuda: bool, detail: str = "") -> str:
+    """``<what>, <N> CPU|GPU rank(s), ZeRO-3<detail>`` and the dtype unless fp32."""
+    title = f"{what}, {args.nproc} {'GPU' if cuda else 'CPU'} {ranks_text(args.nproc).split()[1]}, ZeRO-3{detail}"
+    return title + (f", {args.dtype}" if args.dtype != "float32" else "")
+
+
 def resolve_attn(name: str, cuda: bool, dtype: str) -> str:
     """``--attn``: ``auto`` is ``flash_attention_2`` where it can run (a CUDA GPU, the
     ``flash_attn`` package and a 16-bit model), ``sdpa`` otherwise; a named implementation
@@ -324,12 +340,10 @@ def packing_main(args: argparse.Namespace, work: Path, busy_at_start: float, t_s
         curves = [[step + 1] + [runs[mode][0]["losses"][step] for mode in args.modes] for step in range(steps)]
         tables[f"{size}: training loss per step (mean over the labelled tokens of each global batch)"] = (
             ["step"] + list(args.modes), curves)
-    ranks = f"{args.nproc} rank{'s' if args.nproc != 1 else ''}"
     notes = [
         "Goal: packed ≥ 1.5× padded real tokens/s.",
-        f"{ranks} (torchrun), {'1 GPU' if cuda else '1 thread'} each, {'nccl' if cuda else 'gloo'}, DeepSpeed ZeRO-3, "
-        f"{'fp32' if args.dtype == 'float32' else args.dtype}, rank {RANK} on q_proj+v_proj, "
-        f"non-reentrant activation checkpointing, {attn} attention, GSM8K train (first 512 records), max_seq_len "
+        f"{setting_text(args, cuda)}, rank {RANK} on q_proj+v_proj, non-reentrant activation checkpointing, "
+        f"{attn} attention, GSM8K train (first 512 records), max_seq_len "
         f"{PACKING_SEQ_LEN}; micro-batch 2 and global batch 4 in every mode (samples when padded, rows when packed).",
         "real tokens = non-padding tokens (train/tokens_per_s); padding ratio = padding over the token slots the "
         "model ran on (train/padding_ratio, steady steps); fill ratio = real tokens over rows x max_seq_len of the "
@@ -340,11 +354,8 @@ def packing_main(args: argparse.Namespace, work: Path, busy_at_start: float, t_s
         "the loss and gradients of its samples padded (tests/unit/test_packing.py).",
         "stories260K: real pretrained weights; llama-h512-l4: random weights (same tokenizer), for layer cost.",
     ]
-    title = (f"Packed vs padded training, {args.nproc} {'GPU' if cuda else 'CPU'} {ranks.split()[1]}, ZeRO-3, "
-             f"max_seq_len {PACKING_SEQ_LEN}")
-    if args.dtype != "float32":
-        title += f", {args.dtype}"
-    write_results(args.name, title=title,
+    write_results(args.name, title=results_title("Packed vs padded training", args, cuda,
+                                                 f", max_seq_len {PACKING_SEQ_LEN}"),
                   settings={**vars(args), "cpu_busy_at_start": busy_at_start, "rank": RANK, "work_dir": str(work),
                             "fill_ratio": fill, "attn_implementation": attn,
                             "seconds_total": time.perf_counter() - t_start},
@@ -386,7 +397,7 @@ def main(argv=None) -> int:
     import torch
 
     cuda = torch.cuda.is_available()
-    ranks = f"{args.nproc} rank{'s' if args.nproc != 1 else ''}"
+    ranks = ranks_text(args.nproc)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="dude_bench_train_"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -448,8 +459,7 @@ def main(argv=None) -> int:
              "loss last"], rows)
     notes = [
         "Goals: dude_dist ≥ 1.3× peft_dora_pissa tokens/s and ≥ 1.0× peft_lora tokens/s.",
-        f"{ranks} (torchrun), {'1 GPU' if cuda else '1 thread'} each, {'nccl' if cuda else 'gloo'}, "
-        f"DeepSpeed ZeRO-3, {'fp32' if args.dtype == 'float32' else args.dtype}, global batch 4 (micro 2), max_seq_len 256, "
+        f"{setting_text(args, cuda)}, global batch 4 (micro 2), max_seq_len 256, "
         f"rank {RANK} on {'+'.join(targets)}, non-reentrant gradient checkpointing, GSM8K train (first 512 records).",
         "tokens = non-padding tokens of the global batch. Step seconds: dude_dist's train/step_time_s (metrics.jsonl); "
         "HF: time between consecutive on_step_end callbacks (includes fetching the batch). tokens/CPU-s: the same "
@@ -465,10 +475,7 @@ def main(argv=None) -> int:
     if "qwen0.5b-v32k" in args.sizes:
         notes.append("qwen0.5b-v32k: random weights of Qwen2.5-0.5B's shape (24 layers, hidden 896, 14/2 heads, "
                      "MLP 4864), vocabulary cut to 32768, stories tokenizer.")
-    title = f"Training throughput, {args.nproc} {'GPU' if cuda else 'CPU'} {ranks.split()[1]}, ZeRO-3"
-    if args.dtype != "float32":
-        title += f", {args.dtype}"
-    write_results(args.name, title=title,
+    write_results(args.name, title=results_title("Training throughput", args, cuda),
                   settings={**vars(args), "cpu_busy_at_start": busy_at_start, "rank": RANK, "work_dir": str(work),
                             "seconds_total": time.perf_counter() - t_start},
                   tables=tables, records=records, notes=notes, device="cuda" if cuda else "cpu")
