@@ -1,4 +1,5 @@
-"""benchmarks/gpu_step.sh without a GPU: the stage budget logic (the stages themselves need CUDA)."""
+"""benchmarks/gpu_step.sh without a GPU (the stage budget logic and what comes back; the stages
+themselves need CUDA), and gpu_check.py collect."""
 
 from __future__ import annotations
 
@@ -9,16 +10,26 @@ from pathlib import Path
 from tests.helpers import ROOT, proc_env
 
 
+def run_gpu_step(tmp_path: Path, stale: tuple[str, ...] = (), **env: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """benchmarks/gpu_step.sh in a copy of the two scripts (no .wheels/: nothing is installed),
+    with ``stale`` result files of an earlier run in its benchmarks/results; returns the
+    process and its $OUT."""
+    copy = tmp_path / "tree"
+    (copy / "benchmarks" / "results").mkdir(parents=True)
+    for name in ("gpu_step.sh", "gpu_env.sh"):
+        (copy / "benchmarks" / name).write_text((ROOT / "benchmarks" / name).read_text())
+    for name in stale:
+        (copy / "benchmarks" / "results" / name).write_text("an earlier run")
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "benchmarks/gpu_step.sh"], cwd=copy, capture_output=True, text=True, timeout=60,
+                          env=proc_env(OUT=str(out), TMPDIR=str(tmp_path), **env))
+    return proc, out
+
+
 def test_gpu_step_skips_what_its_budget_cannot_hold_and_says_so(tmp_path):
     """benchmarks/gpu_step.sh runs a stage only with the time it needs left: with 35 s it
     skips all five (each named, exit 1) rather than starting one the device limit would cut."""
-    copy = tmp_path / "tree"
-    (copy / "benchmarks").mkdir(parents=True)  # no .wheels/ here: nothing is installed
-    for name in ("gpu_step.sh", "gpu_env.sh"):
-        (copy / "benchmarks" / name).write_text((ROOT / "benchmarks" / name).read_text())
-    out = tmp_path / "out"
-    proc = subprocess.run(["bash", "benchmarks/gpu_step.sh"], cwd=copy, capture_output=True, text=True, timeout=60,
-                          env=proc_env(OUT=str(out), STEP_BUDGET="35", TMPDIR=str(tmp_path)))
+    proc, out = run_gpu_step(tmp_path, STEP_BUDGET="35")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     skipped = (out / "skipped.txt").read_text().splitlines()
     assert [line.split(" skipped")[0].removeprefix("[gpu_step] ") for line in skipped] == [
@@ -30,26 +41,18 @@ def test_gpu_step_skips_what_its_budget_cannot_hold_and_says_so(tmp_path):
         assert "./skipped.txt" in tar.getnames()
 
 
-
 def test_gpu_step_bundles_only_what_this_run_wrote(tmp_path):
     """Every stage runs and fails at once (a Python that exits 1): nothing it did not write
     comes back, in particular not the committed tables of an earlier GPU run in
     benchmarks/results, and the archive is still written; the exit code says it failed."""
-    copy = tmp_path / "tree"
-    (copy / "benchmarks" / "results").mkdir(parents=True)
-    for name in ("gpu_step.sh", "gpu_env.sh"):
-        (copy / "benchmarks" / name).write_text((ROOT / "benchmarks" / name).read_text())
-    for stale in ("gpu_train_all7.md", "gpu_step_profile.json", "gpu_loss_memory.md"):
-        (copy / "benchmarks" / "results" / stale).write_text("an earlier run")
-    out = tmp_path / "out"
-    proc = subprocess.run(["bash", "benchmarks/gpu_step.sh"], cwd=copy, capture_output=True, text=True, timeout=60,
-                          env=proc_env(OUT=str(out), STEP_BUDGET="600", TMPDIR=str(tmp_path), PYTHON="false"))
+    stale = ("gpu_train_all7.md", "gpu_step_profile.json", "gpu_loss_memory.md")
+    proc, out = run_gpu_step(tmp_path, stale, STEP_BUDGET="600", PYTHON="false")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "skipped" not in proc.stdout  # every stage started
     assert sorted(p.name for p in out.iterdir()) == ["gpu_step.tar.gz"]
     with tarfile.open(out / "gpu_step.tar.gz") as tar:
         names = {Path(n).name for n in tar.getnames()}
-    assert not names & {"gpu_train_all7.md", "gpu_step_profile.json", "gpu_loss_memory.md"}, names
+    assert not names & set(stale), names
     assert {"gpu_check_run.log", "gpu_train_all7.log", "gpu_train_packing.log"} <= names
 
 
